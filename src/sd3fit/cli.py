@@ -1,0 +1,112 @@
+"""The `sd3fit` command: `train`, `demo`, `presets`, `options`.
+
+Bad input ends with one line on stderr, `sd3fit: error: ...`, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sd3fit.errors import UserError
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a preset option, e.g. max_train_steps=200")
+    p.add_argument("--name", help="run folder name under the runs folder (default: <preset>-<date>-<time>)")
+    p.add_argument("--runs-dir", help="folder that holds the run folders (default: $SD3FIT_RUNS_DIR or ./runs)")
+    p.add_argument("--num-processes", type=int, default=1, help="processes (GPUs) for `accelerate launch`; 1 runs directly")
+    p.add_argument("--dry-run", action="store_true", help="check the preset, model and dataset, print the config, train nothing")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd3fit", description="Fine-tune Stable Diffusion 3 Medium with SimpleTuner on one small GPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a preset: sd3fit train [CONFIG] [key=value ...]")
+    p.add_argument("config", nargs="?", help="preset JSON file or name in config/ (default: the offline demo)")
+    _train_args(p)
+
+    p = sub.add_parser("demo", help="train the tiny offline demo (config/demo.json)")
+    _train_args(p)
+
+    sub.add_parser("presets", help="list the presets in config/")
+
+    p = sub.add_parser("options", help="list the option names a preset may use")
+    p.add_argument("pattern", nargs="?", default="", help="show only options containing this text")
+    return parser
+
+
+def _split_config(args) -> tuple[str | None, list[str]]:
+    """`train a=b` means the demo with an override, not a preset named 'a=b'."""
+    config = getattr(args, "config", None)
+    overrides = list(args.overrides)
+    if config is not None and "=" in config:
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def cmd_train(args) -> int:
+    from sd3fit import train
+
+    config, overrides = _split_config(args)
+    prepared = train.prepare(config, overrides, name=args.name, runs_dir=args.runs_dir)
+    if args.dry_run:
+        print(json.dumps(prepared.record, indent=2))
+        print(f"dry run: preset, model and dataset are fine; a run would go to {prepared.run.dir}")
+        return 0
+    run = train.write(prepared)
+    print(f"sd3fit: training {prepared.preset.path.name} in {run.dir}", flush=True)
+    code = train.launch(prepared, num_processes=args.num_processes)
+    print(train.summary(run))
+    if code != 0:
+        result = run.read_result() or {}
+        reason = result.get("error") or f"the trainer exited with status {code}"
+        print(f"sd3fit: error: training failed: {reason}; full log: {run.log}", file=sys.stderr)
+        return code
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from sd3fit import presets
+
+    for name in presets.available():
+        data = presets.read(presets.CONFIG_DIR / f"{name}.json")
+        print(f"{name:24} {data.get('description', '')}")
+    return 0
+
+
+def cmd_options(args) -> int:
+    from sd3fit import schema
+
+    for name, key in sorted(schema.SD3FIT_KEYS.items()):
+        if args.pattern in name:
+            print(f"{name:40} {key.type:5} (sd3fit) {key.help}")
+    seen = set()
+    for name, spec in sorted(schema.simpletuner_options().items()):
+        if args.pattern in name and spec["dest"] not in seen:
+            seen.add(spec["dest"])
+            choices = f" one of {', '.join(map(str, spec['choices']))}" if spec["choices"] else ""
+            print(f"{spec['dest']:40} {spec['type']:5}{choices}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        args.config = None
+    handler = {"train": cmd_train, "demo": cmd_train, "presets": cmd_presets, "options": cmd_options}[args.command]
+    try:
+        return handler(args)
+    except UserError as exc:
+        print(f"sd3fit: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("sd3fit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

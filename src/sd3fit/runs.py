@@ -1,0 +1,83 @@
+"""What a run folder holds and where: one folder per run under `runs/`, never reused.
+
+    runs/<name>/
+      config.json            the resolved config: sd3fit keys, SimpleTuner options, preset, overrides, versions
+      multidatabackend.json  the dataset definition with sd3fit's placeholders filled in
+      train.log              everything the trainer printed
+      metrics.jsonl          one JSON object per logged optimizer step
+      result.json            how the run ended and what it produced
+      output/                SimpleTuner's output_dir: adapter or pipeline, checkpoints
+      cache/                 text-embedding and VAE-latent caches (unless the dataset definition says otherwise)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sd3fit.errors import UserError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def runs_root(arg: str | None = None) -> Path:
+    return Path(arg or os.environ.get("SD3FIT_RUNS_DIR") or "runs").expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class Run:
+    dir: Path
+
+    config = property(lambda self: self.dir / "config.json")
+    datasets = property(lambda self: self.dir / "multidatabackend.json")
+    log = property(lambda self: self.dir / "train.log")
+    metrics = property(lambda self: self.dir / "metrics.jsonl")
+    result = property(lambda self: self.dir / "result.json")
+    output = property(lambda self: self.dir / "output")
+    cache = property(lambda self: self.dir / "cache")
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    def read_config(self) -> dict:
+        return json.loads(self.config.read_text())
+
+    def read_result(self) -> dict | None:
+        return json.loads(self.result.read_text()) if self.result.is_file() else None
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+
+def plan(root: Path, name: str | None, preset_name: str) -> Run:
+    """Choose the run folder without creating it. An explicit name must be free; a generated one always is."""
+    if name is not None:
+        if not _NAME.match(name):
+            raise UserError(f"run name {name!r} may hold only letters, digits, '.', '_' and '-'")
+        run = Run(root / name)
+        if run.dir.exists() and any(run.dir.iterdir()):
+            raise UserError(f"run folder {run.dir} already holds a run; choose another --name or move that folder away")
+        return run
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = f"{preset_name}-{stamp}"
+    candidate, n = root / base, 2
+    while candidate.exists():
+        candidate, n = root / f"{base}-{n}", n + 1
+    return Run(candidate)
+
+
+def create(run: Run) -> None:
+    """Create the folder; fail rather than share it with another run started at the same moment."""
+    run.dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run.dir.mkdir()
+    except FileExistsError:
+        if any(run.dir.iterdir()):
+            raise UserError(f"run folder {run.dir} already holds a run; choose another --name") from None

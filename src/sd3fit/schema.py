@@ -1,0 +1,153 @@
+"""One schema for every preset: which keys exist, what type each takes, and which combinations cannot work.
+
+A preset is a flat JSON object of SimpleTuner option names (without the leading `--`) plus the few keys sd3fit
+adds itself (`SD3FIT_KEYS`). SimpleTuner's options, their types and choices come from the table dumped from the
+pinned SimpleTuner (`simpletuner/options-<version>.json`), so validation needs no SimpleTuner import and takes
+milliseconds. Every error names the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sd3fit.errors import UserError
+
+SIMPLETUNER_VERSION = "4.10.1"  # the release the option table and every patch were checked against
+_OPTIONS_FILE = Path(__file__).parent / "simpletuner" / f"options-{SIMPLETUNER_VERSION}.json"
+
+
+@dataclass(frozen=True)
+class Key:
+    type: str  # "str", "int", "float" or "bool"
+    help: str
+
+
+# Keys sd3fit reads itself; they are never passed to SimpleTuner.
+SD3FIT_KEYS: dict[str, Key] = {
+    "description": Key("str", "One line on what the preset is for; `sd3fit presets` lists it."),
+    "dataset_dir": Key(
+        "str",
+        "Folder of training images with a .txt caption beside each; fills {dataset_dir} in the dataset "
+        "definition. Relative paths start at the current directory.",
+    ),
+}
+
+# SimpleTuner options that sd3fit sets for every run, with the reason a preset may not.
+OWNED_KEYS: dict[str, str] = {
+    "output_dir": "each run writes to runs/<name>/output; choose the name with --name",
+}
+
+
+@lru_cache(maxsize=1)
+def simpletuner_options() -> dict[str, dict]:
+    """SimpleTuner's options by every name they answer to (aliases included)."""
+    table = json.loads(_OPTIONS_FILE.read_text())["options"]
+    by_name = {}
+    for dest, spec in table.items():
+        for name in spec["names"]:
+            by_name[name] = {**spec, "dest": dest}
+    return by_name
+
+
+def known_keys() -> set[str]:
+    return set(simpletuner_options()) | set(SD3FIT_KEYS)
+
+
+def _check_type(key: str, value: Any, kind: str, choices: list | None) -> Any:
+    """Return the value in the type SimpleTuner expects, or raise naming the key."""
+    if value is None:
+        return None
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise UserError(f"option {key} must be true or false, not {value!r}")
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"option {key} must be a whole number, not {value!r}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"option {key} must be a number, not {value!r}")
+        value = float(value)
+    elif kind == "str":
+        # SimpleTuner parses some text options as JSON (target modules, skip layers): lists and objects pass through
+        if isinstance(value, bool):
+            raise UserError(f"option {key} takes text, not {value!r}")
+        if isinstance(value, (int, float)):
+            value = str(value)
+    if choices is not None and not isinstance(value, (list, dict)) and str(value) not in [str(c) for c in choices]:
+        shown = ", ".join(str(c) for c in choices)
+        raise UserError(f"option {key} must be one of {shown}; got {value!r}")
+    return value
+
+
+def _unknown(key: str) -> UserError:
+    close = difflib.get_close_matches(key, sorted(known_keys()), n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]}?)" if close else " (see `sd3fit options` for the full list)"
+    return UserError(f"unknown option {key}{hint}")
+
+
+def _rules(cfg: dict[str, Any]) -> None:
+    """Combinations SimpleTuner would reject late, or accept and then do something else than asked."""
+    get = cfg.get
+    if get("model_family") != "sd3":
+        raise UserError(f"option model_family must be sd3 (sd3fit fine-tunes Stable Diffusion 3), not {get('model_family')!r}")
+    if not get("pretrained_model_name_or_path"):
+        raise UserError("option pretrained_model_name_or_path is missing: give a Hub id or a local diffusers folder")
+    if not get("data_backend_config"):
+        raise UserError("option data_backend_config is missing: name a dataset definition such as datasets/image-folder.json")
+    model_type = get("model_type", "full")
+    precision = get("base_model_precision", "no_change")
+    if model_type == "full" and precision not in (None, "no_change"):
+        raise UserError(
+            f"option base_model_precision={precision} needs model_type=lora: "
+            "a quantized base model cannot be fully fine-tuned; use base_model_precision=no_change"
+        )
+    if precision == "fp8-quanto":
+        raise UserError("option base_model_precision=fp8-quanto is not supported for SD3 by SimpleTuner; use int8-quanto")
+    steps, epochs = get("max_train_steps") or 0, get("num_train_epochs")
+    if steps > 0 and epochs not in (None, 0):
+        raise UserError("option num_train_epochs must be 0 when max_train_steps is set (one training length, not two)")
+    if steps <= 0 and not epochs:
+        raise UserError("option max_train_steps is missing: set it (with num_train_epochs 0) or num_train_epochs")
+    for key in ("lora_rank", "train_batch_size", "resolution"):
+        if get(key) is not None and get(key) <= 0:
+            raise UserError(f"option {key} must be positive, not {get(key)}")
+    if get("learning_rate") is not None and get("learning_rate") <= 0:
+        raise UserError(f"option learning_rate must be positive, not {get('learning_rate')}")
+    if get("push_to_hub") and not get("hub_model_id"):
+        raise UserError("option push_to_hub needs hub_model_id (the Hub repository to upload to)")
+    if get("lora_type") == "lycoris" and not get("lycoris_config"):
+        raise UserError("option lora_type=lycoris needs lycoris_config (a LyCORIS JSON file)")
+    if get("gradient_checkpointing_interval") and get("gradient_checkpointing") is False:
+        raise UserError("option gradient_checkpointing_interval needs gradient_checkpointing=true")
+
+
+def validate(preset: dict[str, Any]) -> dict[str, Any]:
+    """Check a preset (after overrides) and return it with values in the types SimpleTuner expects."""
+    if not isinstance(preset, dict):
+        raise UserError("a preset must be a JSON object of option names and values")
+    options = simpletuner_options()
+    out: dict[str, Any] = {}
+    for key, value in preset.items():
+        if key in OWNED_KEYS:
+            raise UserError(f"option {key} is set by sd3fit: {OWNED_KEYS[key]}")
+        if key in SD3FIT_KEYS:
+            out[key] = _check_type(key, value, SD3FIT_KEYS[key].type, None)
+        elif key in options:
+            spec = options[key]
+            out[key] = _check_type(key, value, spec["type"], spec["choices"])
+        else:
+            raise _unknown(key)
+    _rules(out)
+    return out
+
+
+def split(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate sd3fit's own keys from the options passed to SimpleTuner."""
+    own = {k: v for k, v in cfg.items() if k in SD3FIT_KEYS}
+    simpletuner = {k: v for k, v in cfg.items() if k not in SD3FIT_KEYS}
+    return own, simpletuner

@@ -1,0 +1,141 @@
+"""Run SimpleTuner's training for one prepared run folder, with sd3fit's patches applied.
+
+    python -m sd3fit.simpletuner.launcher runs/<name>
+    accelerate launch -m sd3fit.simpletuner.launcher runs/<name>
+
+`sd3fit train` prepares the folder (validated config, checked dataset) and starts this module in it. The run
+sequence is SimpleTuner 4.10.1's own `simpletuner/train.py` `__main__` block: build the Trainer from a config dict,
+run `_run_training` inside `dynamo_config_context` and a copied context, clean up. The subclass below adds what
+sd3fit needs at SimpleTuner's existing seams; it overrides no training logic.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from sd3fit.errors import UserError
+from sd3fit.runs import Run
+from sd3fit.simpletuner import compat
+from sd3fit.simpletuner.patches import cpu_pin_memory, metrics_log
+
+CHECKED_AGAINST = "4.10.1"
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _make_trainer(options: dict, run: Run):
+    from simpletuner.helpers.training.trainer import Trainer
+
+    class SD3FitTrainer(Trainer):
+        """SimpleTuner's Trainer with sd3fit's per-run logging."""
+
+        def init_trackers(self):
+            super().init_trackers()
+            metrics_log.apply(self.accelerator, run.metrics)
+
+    config = {f"--{key}": value for key, value in options.items()}
+    # never fall back to a config/config.json found in the working directory: the run's config is the only source
+    config["__skip_config_fallback__"] = True
+    return SD3FitTrainer(config=config, exit_on_error=True)
+
+
+def _artifacts(run: Run, options: dict) -> dict[str, str]:
+    out = Path(options["output_dir"])
+    found = {}
+    if options.get("model_type", "full") == "lora":
+        adapter = out / "pytorch_lora_weights.safetensors"
+        if adapter.is_file():
+            found["adapter"] = str(adapter)
+    else:
+        pipeline = out / "pipeline"
+        if (pipeline / "transformer").is_dir():
+            found["pipeline"] = str(pipeline)
+            found["transformer"] = str(pipeline / "transformer")
+    checkpoints = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
+    if checkpoints:
+        found["last_checkpoint"] = str(checkpoints[-1])
+    return found
+
+
+def train(run: Run) -> dict:
+    """Train and return the result record (also written to result.json by the main process)."""
+    config = run.read_config()
+    options = config["simpletuner"]
+    compat.require(CHECKED_AGAINST, "sd3fit's launcher")
+    cpu_fix = cpu_pin_memory.apply()
+
+    import multiprocessing
+
+    from simpletuner.helpers.training.dynamo import dynamo_config_context
+    from simpletuner.train import _run_training
+
+    try:
+        # upstream's __main__ asks for fork: its data workers rely on inheriting state
+        multiprocessing.set_start_method("fork")
+    except RuntimeError:
+        pass
+
+    started = time.time()
+    result = {"status": "failed", "run": str(run.dir), "cpu_pin_memory_fix": cpu_fix}
+    trainer = None
+    try:
+        trainer = _make_trainer(options, run)
+        with dynamo_config_context(trainer.config):
+            contextvars.copy_context().run(_run_training, trainer)
+        step = int(trainer.state.get("global_step", 0))
+        target = int(options.get("max_train_steps") or 0)
+        result["global_step"] = step
+        if target and step < target:
+            # SimpleTuner returns quietly when, e.g., no dataloader could be built; that is not a finished run
+            result["error"] = f"training stopped at step {step} of {target}; see train.log"
+        else:
+            result["status"] = "finished"
+    except SystemExit as exc:
+        # upstream calls sys.exit(0) when it found no usable training data
+        result["error"] = f"SimpleTuner exited ({exc.code}) before finishing; see train.log"
+    except BaseException as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        if trainer is not None:
+            trainer.cleanup()
+        result["wall_seconds"] = round(time.time() - started, 3)
+        result["artifacts"] = _artifacts(run, options)
+        if _is_main_process():
+            run.result.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m sd3fit.simpletuner.launcher RUN_DIR", file=sys.stderr)
+        return 2
+    run = Run(Path(argv[0]).resolve())
+    if not run.config.is_file():
+        print(f"sd3fit: error: {run.dir} has no config.json; prepare runs with `sd3fit train`", file=sys.stderr)
+        return 2
+    try:
+        result = train(run)
+    except UserError as exc:
+        print(f"sd3fit: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    if result["status"] != "finished":
+        print(f"sd3fit: error: {result.get('error')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
