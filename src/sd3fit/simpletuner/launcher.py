@@ -47,6 +47,21 @@ def _make_trainer(options: dict, run: Run):
     return SD3FitTrainer(config=config, exit_on_error=True)
 
 
+def _model_facts(trainer) -> dict[str, int]:
+    """Parameter counts and quantized layers of the trained transformer: what the preset actually produced."""
+    net = getattr(getattr(trainer, "model", None), "model", None)
+    if net is None:
+        return {}
+    net = trainer.accelerator.unwrap_model(net)
+    params = list(net.parameters())
+    quant_libraries = ("optimum.quanto", "torchao", "bitsandbytes")
+    return {
+        "parameters": sum(p.numel() for p in params),
+        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+        "quantized_modules": sum(1 for m in net.modules() if type(m).__module__.startswith(quant_libraries)),
+    }
+
+
 def _artifacts(run: Run, options: dict) -> dict[str, str]:
     out = Path(options["output_dir"])
     found = {}
@@ -90,6 +105,7 @@ def train(run: Run) -> dict:
         trainer = _make_trainer(options, run)
         with dynamo_config_context(trainer.config):
             contextvars.copy_context().run(_run_training, trainer)
+        result["transformer"] = _model_facts(trainer)
         step = int(trainer.state.get("global_step", 0))
         target = int(options.get("max_train_steps") or 0)
         result["global_step"] = step

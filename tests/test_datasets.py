@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from sd3fit import datasets
+from sd3fit.errors import UserError
+
+
+def backends(folder, **extra):
+    return [
+        {"id": "images", "type": "local", "instance_data_dir": str(folder), "caption_strategy": "textfile", **extra},
+        {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": "/tmp/x"},
+    ]
+
+
+def test_render_fills_sd3fit_placeholders_only(tmp_path):
+    template = tmp_path / "t.json"
+    template.write_text(json.dumps([{"instance_data_dir": "{dataset_dir}", "cache_dir_vae": "{run_dir}/vae/{id}", "x": "{env:HOME}"}]))
+    out = datasets.render(template, {"dataset_dir": "/data", "run_dir": "/runs/a"})
+    assert out == [{"instance_data_dir": "/data", "cache_dir_vae": "/runs/a/vae/{id}", "x": "{env:HOME}"}]
+
+
+def test_render_names_the_missing_dataset_dir(tmp_path):
+    template = tmp_path / "t.json"
+    template.write_text(json.dumps([{"instance_data_dir": "{dataset_dir}"}]))
+    with pytest.raises(UserError, match=r"uses \{dataset_dir\} but no dataset_dir is set; pass dataset_dir="):
+        datasets.render(template, {"dataset_dir": "", "run_dir": "/r"})
+
+
+def test_render_refuses_missing_or_malformed_definitions(tmp_path):
+    with pytest.raises(UserError, match="dataset definition not found"):
+        datasets.render(tmp_path / "none.json", {})
+    (tmp_path / "obj.json").write_text("{}")
+    with pytest.raises(UserError, match="must be a JSON list"):
+        datasets.render(tmp_path / "obj.json", {})
+
+
+def test_good_folder_counts_images(image_folder):
+    assert datasets.check(backends(image_folder)) == {"images": 8}
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(UserError, match=r"dataset folder not found: .*nowhere \(dataset images\); set dataset_dir="):
+        datasets.check(backends(tmp_path / "nowhere"))
+
+
+def test_image_without_caption_is_named(image_folder):
+    (image_folder / "shape-003.txt").unlink()
+    with pytest.raises(UserError, match=r"image without caption: .*shape-003\.png has no shape-003\.txt beside it"):
+        datasets.check(backends(image_folder))
+
+
+def test_captions_not_needed_for_other_strategies(image_folder):
+    (image_folder / "shape-003.txt").unlink()
+    assert datasets.check(backends(image_folder, caption_strategy="filename")) == {"images": 8}
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_image_is_named(image_folder, damage):
+    target = image_folder / "shape-005.png"
+    data = target.read_bytes()
+    target.write_bytes(b"not an image at all" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(UserError, match=r"corrupt image .*shape-005\.png: Pillow cannot read it"):
+        datasets.check(backends(image_folder))
+
+
+def test_images_in_subfolders_are_checked(image_folder):
+    sub = image_folder / "more"
+    sub.mkdir()
+    (image_folder / "shape-000.png").rename(sub / "x.png")
+    with pytest.raises(UserError, match=r"more/x\.png has no x\.txt"):
+        datasets.check(backends(image_folder))
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(UserError, match="holds no images"):
+        datasets.check(backends(tmp_path))
+
+
+def test_definition_without_image_dataset(tmp_path):
+    with pytest.raises(UserError, match="no image dataset"):
+        datasets.check([{"id": "text", "dataset_type": "text_embeds"}])

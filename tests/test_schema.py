@@ -1,0 +1,104 @@
+import json
+
+import pytest
+
+from sd3fit import schema
+from sd3fit.errors import UserError
+from sd3fit.presets import CONFIG_DIR
+
+BASE = {
+    "model_family": "sd3",
+    "pretrained_model_name_or_path": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "data_backend_config": "/x/datasets.json",
+    "model_type": "lora",
+    "max_train_steps": 10,
+    "num_train_epochs": 0,
+}
+
+
+def error(cfg) -> str:
+    with pytest.raises(UserError) as info:
+        schema.validate(cfg)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.json")), ids=lambda p: p.stem)
+def test_every_preset_passes_the_schema(path):
+    schema.validate(json.loads(path.read_text()))
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    assert error({**BASE, "lora_rnk": 4}) == "unknown option lora_rnk (did you mean lora_rank?)"
+
+
+def test_unrelated_unknown_key_points_to_the_option_list():
+    assert "unknown option frobnicate" in error({**BASE, "frobnicate": 1})
+
+
+@pytest.mark.parametrize(
+    "key,value,words",
+    [
+        ("lora_rank", "16", "lora_rank must be a whole number"),
+        ("lora_rank", 1.5, "lora_rank must be a whole number"),
+        ("learning_rate", "fast", "learning_rate must be a number"),
+        ("gradient_checkpointing", "yes", "gradient_checkpointing must be true or false"),
+        ("base_model_precision", "int7-quanto", "base_model_precision must be one of"),
+        ("mixed_precision", "fp64", "mixed_precision must be one of"),
+        ("dataset_dir", 3, None),  # numbers become text for text options
+    ],
+)
+def test_types_and_choices(key, value, words):
+    if words is None:
+        assert schema.validate({**BASE, key: value})[key] == str(value)
+    else:
+        assert words in error({**BASE, key: value})
+
+
+def test_aliases_of_simpletuner_options_are_accepted():
+    # the study's presets use SimpleTuner's older names
+    out = schema.validate({**BASE, "checkpointing_steps": 500, "validation_steps": 100})
+    assert out["checkpointing_steps"] == 500
+
+
+def test_integers_are_accepted_for_float_options():
+    assert schema.validate({**BASE, "learning_rate": 1})["learning_rate"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        ({"model_type": "full", "base_model_precision": "int8-quanto"}, "base_model_precision=int8-quanto needs model_type=lora"),
+        ({"model_family": "flux"}, "model_family must be sd3"),
+        ({"num_train_epochs": 3}, "num_train_epochs must be 0 when max_train_steps"),
+        ({"max_train_steps": 0}, "max_train_steps is missing"),
+        ({"push_to_hub": True}, "push_to_hub needs hub_model_id"),
+        ({"lora_type": "lycoris"}, "lycoris_config"),
+        ({"lora_rank": 0}, "lora_rank must be positive"),
+        ({"base_model_precision": "fp8-quanto"}, "fp8-quanto is not supported for SD3"),
+        ({"gradient_checkpointing": False, "gradient_checkpointing_interval": 2}, "needs gradient_checkpointing=true"),
+        ({"output_dir": "/tmp/out"}, "output_dir is set by sd3fit"),
+    ],
+)
+def test_impossible_combinations_are_refused(change, words):
+    assert words in error({**BASE, **change})
+
+
+@pytest.mark.parametrize("key", ["pretrained_model_name_or_path", "data_backend_config", "model_family"])
+def test_required_keys(key):
+    cfg = dict(BASE)
+    del cfg[key]
+    assert key in error(cfg)
+
+
+def test_split_keeps_sd3fit_keys_out_of_simpletuner_options():
+    own, st = schema.split(schema.validate({**BASE, "dataset_dir": "/d", "description": "x"}))
+    assert own == {"dataset_dir": "/d", "description": "x"}
+    assert "dataset_dir" not in st and st["model_type"] == "lora"
+
+
+def test_option_table_is_for_the_pinned_simpletuner():
+    table = json.loads(schema._OPTIONS_FILE.read_text())
+    assert table["simpletuner"] == schema.SIMPLETUNER_VERSION
+    assert {"lora_rank", "base_model_precision", "model_family"} <= set(schema.simpletuner_options())
