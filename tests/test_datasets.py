@@ -80,3 +80,27 @@ def test_empty_folder(tmp_path):
 def test_definition_without_image_dataset(tmp_path):
     with pytest.raises(UserError, match="no image dataset"):
         datasets.check([{"id": "text", "dataset_type": "text_embeds"}])
+
+
+@pytest.mark.parametrize(
+    "settings,ok",
+    [
+        ({"resolution_type": "pixel", "minimum_image_size": 128}, True),  # the demo images are 128 x 128
+        ({"resolution_type": "pixel", "minimum_image_size": 129}, False),
+        ({"resolution_type": "area", "minimum_image_size": 0.016}, True),
+        ({"resolution_type": "area", "minimum_image_size": 0.589824}, False),  # the study's 768 px minimum
+        ({"resolution_type": "pixel_area", "minimum_image_size": 256}, False),
+        ({}, True),
+    ],
+)
+def test_all_images_too_small_is_refused(image_folder, settings, ok):
+    if ok:
+        assert datasets.check(backends(image_folder, **settings)) == {"images": 8}
+    else:
+        with pytest.raises(UserError, match=r"all 8 images in .* are smaller than minimum_image_size"):
+            datasets.check(backends(image_folder, **settings))
+
+
+def test_preset_options_apply_where_the_dataset_is_silent(image_folder):
+    with pytest.raises(UserError, match="smaller than minimum_image_size=512"):
+        datasets.check(backends(image_folder), {"resolution_type": "pixel", "minimum_image_size": 512})

@@ -79,6 +79,7 @@ def test_integers_are_accepted_for_float_options():
         ({"base_model_precision": "fp8-quanto"}, "fp8-quanto is not supported for SD3"),
         ({"gradient_checkpointing": False, "gradient_checkpointing_interval": 2}, "needs gradient_checkpointing=true"),
         ({"output_dir": "/tmp/out"}, "output_dir is set by sd3fit"),
+        ({"delete_unwanted_images": True}, "would delete files from your dataset folder"),
     ],
 )
 def test_impossible_combinations_are_refused(change, words):

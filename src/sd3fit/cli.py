@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from sd3fit.errors import UserError
 
@@ -31,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train the tiny offline demo (config/demo.json)")
     _train_args(p)
 
-    sub.add_parser("presets", help="list the presets in config/")
+    p = sub.add_parser("presets", help="list the presets in config/")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table of the presets' main options")
 
     p = sub.add_parser("options", help="list the option names a preset may use")
     p.add_argument("pattern", nargs="?", default="", help="show only options containing this text")
@@ -51,20 +53,22 @@ def _split_config(args) -> tuple[str | None, list[str]]:
 def cmd_train(args) -> int:
     from sd3fit import train
 
+    started = time.time()
     config, overrides = _split_config(args)
     prepared = train.prepare(config, overrides, name=args.name, runs_dir=args.runs_dir)
     if args.dry_run:
         print(json.dumps(prepared.record, indent=2))
-        print(f"dry run: preset, model and dataset are fine; a run would go to {prepared.run.dir}")
+        print(f"dry run: preset, model and dataset are fine; a run would go to {train.shown(prepared.run.dir)}")
         return 0
     run = train.write(prepared)
-    print(f"sd3fit: training {prepared.preset.path.name} in {run.dir}", flush=True)
+    print(f"sd3fit: training {prepared.preset.path.name} in {train.shown(run.dir)}", flush=True)
     code = train.launch(prepared, num_processes=args.num_processes)
-    print(train.summary(run))
+    print(train.summary(run, time.time() - started))
     if code != 0:
         result = run.read_result() or {}
-        reason = result.get("error") or f"the trainer exited with status {code}"
-        print(f"sd3fit: error: training failed: {reason}; full log: {run.log}", file=sys.stderr)
+        # the first line only: SimpleTuner's messages run to many lines, and the log keeps all of them
+        reason = (result.get("error") or f"the trainer exited with status {code}").splitlines()[0]
+        print(f"sd3fit: error: training failed: {reason}; full log: {train.shown(run.log)}", file=sys.stderr)
         return code
     return 0
 
@@ -72,9 +76,17 @@ def cmd_train(args) -> int:
 def cmd_presets(args) -> int:
     from sd3fit import presets
 
-    for name in presets.available():
-        data = presets.read(presets.CONFIG_DIR / f"{name}.json")
-        print(f"{name:24} {data.get('description', '')}")
+    rows = [(name, presets.read(presets.CONFIG_DIR / f"{name}.json")) for name in presets.available()]
+    if not args.markdown:
+        for name, data in rows:
+            print(f"{name:24} {data.get('description', '')}")
+        return 0
+    columns = ["model_type", "lora_rank", "base_model_precision", "mixed_precision", "optimizer", "resolution", "train_batch_size", "max_train_steps"]
+    print("| preset | " + " | ".join(columns) + " | what it is |")
+    print("|---" * (len(columns) + 2) + "|")
+    for name, data in rows:
+        cells = [str(data.get(c, "")) if not (c == "lora_rank" and data.get("model_type") != "lora") else "" for c in columns]
+        print(f"| `{name}` | " + " | ".join(cells) + f" | {data.get('description', '')} |")
     return 0
 
 

@@ -77,22 +77,50 @@ def _walk_images(folder: Path, extensions: set[str]):
                 yield Path(root) / name
 
 
-def check_image(path: Path) -> None:
-    """Raise if Pillow cannot read the file's header and structure."""
+def check_image(path: Path) -> tuple[int, int]:
+    """Return (width, height); raise if Pillow cannot read the file's header and structure."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            size = img.size
             img.verify()  # structure and checksums, without decoding every pixel
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"corrupt image {path}: Pillow cannot read it ({exc}); replace or remove the file") from None
+    return size
 
 
-def check(backends: list[dict]) -> dict[str, int]:
-    """Check each local image dataset: its folder exists, holds images, each readable and captioned as asked.
+def big_enough(size: tuple[int, int], backend: dict, defaults: dict) -> bool:
+    """SimpleTuner 4.10.1's `meets_resolution_requirements` (helpers/metadata/backends/base.py), for still images.
 
+    `minimum_image_size` is an edge length for `pixel`, an edge length turned into an area for `pixel_area`, and
+    megapixels for `area` (where a square crop also needs the matching edge).
+    """
+    minimum = backend.get("minimum_image_size", defaults.get("minimum_image_size"))
+    if not minimum:
+        return True
+    width, height = size
+    kind = backend.get("resolution_type", defaults.get("resolution_type", "pixel_area"))
+    if kind == "pixel":
+        return minimum <= width and minimum <= height
+    if kind == "pixel_area":
+        return minimum * minimum <= width * height
+    area = minimum * 1_000_000
+    if backend.get("crop") and backend.get("crop_aspect", "square") == "square":
+        edge = int(area**0.5)
+        if width < edge or height < edge:
+            return False
+    return area <= width * height
+
+
+def check(backends: list[dict], defaults: dict | None = None) -> dict[str, int]:
+    """Check each local image dataset: its folder exists, holds images, each readable and captioned as asked, and
+    not all of them too small for the dataset (SimpleTuner would drop every one and stop with no data).
+
+    `defaults` are the preset's options, which SimpleTuner applies where a dataset does not set its own.
     Returns the number of images per dataset id.
     """
+    defaults = defaults or {}
     extensions = image_extensions()
     counts: dict[str, int] = {}
     if not any(b.get("dataset_type", "image") == "image" for b in backends):
@@ -108,16 +136,22 @@ def check(backends: list[dict]) -> dict[str, int]:
         if not folder.is_dir():
             raise UserError(f"dataset folder not found: {folder} (dataset {ident}); set dataset_dir= to a folder of images with .txt captions")
         captions = backend.get("caption_strategy", "filename") == "textfile"
-        n = 0
+        n = usable = 0
         for image in _walk_images(folder, extensions):
             if captions and not image.with_suffix(".txt").is_file():
                 raise UserError(
                     f"image without caption: {image} has no {image.with_suffix('.txt').name} beside it; "
                     "write one or move the image out of the folder"
                 )
-            check_image(image)
+            usable += big_enough(check_image(image), backend, defaults)
             n += 1
         if n == 0:
             raise UserError(f"dataset folder {folder} holds no images (dataset {ident}); add images with .txt captions")
+        if usable == 0:
+            minimum = backend.get("minimum_image_size", defaults.get("minimum_image_size"))
+            raise UserError(
+                f"all {n} images in {folder} are smaller than minimum_image_size={minimum} of dataset {ident}, "
+                "so SimpleTuner would skip every one; lower minimum_image_size or use larger images"
+            )
         counts[ident] = n
     return counts

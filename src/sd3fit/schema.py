@@ -41,6 +41,8 @@ SD3FIT_KEYS: dict[str, Key] = {
 OWNED_KEYS: dict[str, str] = {
     "output_dir": "each run writes to runs/<name>/output; choose the name with --name",
 }
+# SimpleTuner options that delete files from the user's dataset folder; training never destroys its inputs.
+DESTRUCTIVE_KEYS = ("delete_unwanted_images", "delete_problematic_images", "delete_nsfw_images")
 
 
 @lru_cache(maxsize=1)
@@ -122,6 +124,9 @@ def _rules(cfg: dict[str, Any]) -> None:
         raise UserError("option push_to_hub needs hub_model_id (the Hub repository to upload to)")
     if get("lora_type") == "lycoris" and not get("lycoris_config"):
         raise UserError("option lora_type=lycoris needs lycoris_config (a LyCORIS JSON file)")
+    for key in DESTRUCTIVE_KEYS:
+        if get(key):
+            raise UserError(f"option {key} would delete files from your dataset folder; sd3fit refuses it, remove such images yourself")
     if get("gradient_checkpointing_interval") and get("gradient_checkpointing") is False:
         raise UserError("option gradient_checkpointing_interval needs gradient_checkpointing=true")
 

@@ -56,7 +56,7 @@ def prepare(preset_arg: str | None, overrides: list[str], name: str | None = Non
         Path(options["data_backend_config"]),
         {"dataset_dir": str(Path(dataset_dir).expanduser().resolve()) if dataset_dir else "", "run_dir": str(run.dir)},
     )
-    images = datasets.check(backends)
+    images = datasets.check(backends, options)
     options = {**options, "output_dir": str(run.output), "data_backend_config": str(run.datasets)}
     record = {
         "preset": str(preset.path.resolve()),
@@ -90,7 +90,17 @@ def child_env(prepared: Prepared) -> dict[str, str]:
     if prepared.model_source in ("local", "cached") and not options.get("push_to_hub"):
         # nothing in this run needs the Hub: don't let libraries stall on it
         env.setdefault("HF_HUB_OFFLINE", "1")
+    if "wandb" in str(options.get("report_to", "")) and not _wandb_credentials(env):
+        # no key: log to the run folder (sync later with `wandb sync`) instead of prompting or calling the network
+        env.setdefault("WANDB_MODE", "offline")
     return env
+
+
+def _wandb_credentials(env: dict[str, str]) -> bool:
+    if env.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(env.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
 def launch(prepared: Prepared, num_processes: int = 1) -> int:
@@ -113,14 +123,23 @@ def launch(prepared: Prepared, num_processes: int = 1) -> int:
         return proc.wait()
 
 
-def summary(run: runs.Run) -> str:
+def shown(path) -> str:
+    """A path as the user would type it: relative when it lies below the current directory."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def summary(run: runs.Run, elapsed: float) -> str:
     result = run.read_result() or {}
-    lines = [f"run folder: {run.dir}"]
+    lines = [f"run folder: {shown(run.dir)}"]
     for key, label in (("adapter", "LoRA adapter"), ("pipeline", "fine-tuned pipeline")):
         if key in result.get("artifacts", {}):
-            lines.append(f"{label}: {result['artifacts'][key]}")
-    metrics = [m for m in run.read_metrics() if "train_loss" in m]
-    if metrics:
-        lines.append(f"steps: {result.get('global_step')}, last train_loss: {metrics[-1]['train_loss']:.4f}, "
-                     f"wall time: {result.get('wall_seconds', 0):.0f} s")
+            lines.append(f"{label}: {shown(result['artifacts'][key])}")
+    losses = [m["train_loss"] for m in run.read_metrics() if "train_loss" in m]
+    if losses:
+        lines.append(f"steps: {result.get('global_step')}, last train_loss: {losses[-1]}")
+    lines.append(f"time: {elapsed:.0f} s in all, {result.get('wall_seconds', 0):.0f} s of it in SimpleTuner's run sequence")
     return "\n".join(lines)
