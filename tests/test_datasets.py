@@ -104,3 +104,20 @@ def test_all_images_too_small_is_refused(image_folder, settings, ok):
 def test_preset_options_apply_where_the_dataset_is_silent(image_folder):
     with pytest.raises(UserError, match="smaller than minimum_image_size=512"):
         datasets.check(backends(image_folder), {"resolution_type": "pixel", "minimum_image_size": 512})
+
+
+def test_the_study_layout_reads_one_folder_twice(tmp_path):
+    from PIL import Image
+
+    from sd3fit.presets import CONFIG_DIR
+
+    folder = tmp_path / "sargent"
+    folder.mkdir()
+    for i, size in enumerate([(800, 1000), (1024, 768), (900, 900)]):
+        Image.new("RGB", size, (120, 80, 40)).save(folder / f"painting-{i}.jpg")
+        (folder / f"painting-{i}.txt").write_text("a painting by John Singer Sargent")
+    filled = datasets.render(CONFIG_DIR / "datasets" / "sargent.json", {"dataset_dir": str(folder), "run_dir": str(tmp_path / "run")})
+    assert [b["instance_data_dir"] for b in filled if b.get("dataset_type") == "image"] == [str(folder)] * 2
+    assert all(b.get("cache_dir", b.get("cache_dir_vae", "")).startswith(str(tmp_path / "run")) for b in filled)
+    # every picture has 0.59 MP or more and a 768 px edge or longer: the study's minimum for both datasets
+    assert datasets.check(filled) == {"sargent-bucketed": 3, "sargent-square": 3}

@@ -90,7 +90,7 @@ def _absolute(values: dict[str, Any], base: Path, keys) -> None:
         value = values.get(key)
         if not isinstance(value, str) or not key.endswith(_PATH_SUFFIXES) or DEMO_TOKEN in value:
             continue
-        candidate = (base / Path(value).expanduser()) if not Path(value).expanduser().is_absolute() else Path(value).expanduser()
+        candidate = base / Path(value).expanduser()  # an absolute value replaces the base
         if key == "data_backend_config" or candidate.exists():
             values[key] = str(candidate.resolve())
 

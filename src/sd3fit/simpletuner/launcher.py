@@ -105,7 +105,10 @@ def train(run: Run) -> dict:
         trainer = _make_trainer(options, run)
         with dynamo_config_context(trainer.config):
             contextvars.copy_context().run(_run_training, trainer)
-        result["transformer"] = _model_facts(trainer)
+        try:
+            result["transformer"] = _model_facts(trainer)
+        except Exception as exc:  # a bookkeeping failure must not turn a finished run into a failed one
+            result["transformer"] = {"error": f"{type(exc).__name__}: {exc}"}
         step = int(trainer.state.get("global_step", 0))
         target = int(options.get("max_train_steps") or 0)
         result["global_step"] = step
