@@ -57,7 +57,7 @@ def render(template: Path, variables: dict[str, str]) -> list[dict]:
     try:
         backends = json.loads(template.read_text())
     except json.JSONDecodeError as exc:
-        raise UserError(f"dataset definition {template} is not valid JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}")
+        raise UserError(f"dataset definition {template} is not valid JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     if not isinstance(backends, list) or not all(isinstance(b, dict) for b in backends):
         raise UserError(f"dataset definition {template} must be a JSON list of dataset objects")
     return _fill(backends, variables)

@@ -19,7 +19,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from sd3fit import datasets, hub, presets, runs, schema
-from sd3fit.errors import UserError
 
 
 @dataclass
