@@ -47,3 +47,11 @@ def run_sd3fit(*args: str, cwd: Path | None = None, env: dict | None = None, tim
 def tree_snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """Size and mtime of every file below a folder, to show that a failed command changed nothing."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """Assert the bad-input contract (exit 2, one stderr line `sd3fit: error: ...`) and return that line."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sd3fit: error: "), proc.stderr
+    return lines[0]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import run_sd3fit, tree_snapshot
+from conftest import one_line_error, run_sd3fit, tree_snapshot
 
 
 @pytest.fixture
@@ -18,13 +18,10 @@ def workspace(tmp_path, image_folder):
 
 def bad(ws, *args):
     before = tree_snapshot(ws["tmp"])
-    proc = run_sd3fit("train", *args, "--runs-dir", str(ws["runs"]))
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sd3fit: error: "), proc.stderr
+    line = one_line_error(run_sd3fit("train", *args, "--runs-dir", str(ws["runs"])))
     assert tree_snapshot(ws["tmp"]) == before
     assert sorted(p.name for p in ws["runs"].iterdir()) == ["earlier"]
-    return lines[0]
+    return line
 
 
 def test_unknown_preset_file(workspace):

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from conftest import run_sd3fit
+from conftest import one_line_error, run_sd3fit
 from sd3fit import hub
 from sd3fit.errors import UserError
 
@@ -50,16 +50,7 @@ def _closed_port() -> int:
 
 
 def hub_env(tmp_path, endpoint, token=None):
-    env = {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_TOKEN": token or ""}
-    return env
-
-
-def one_line_error(proc) -> str:
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("sd3fit: error: ")
-    return lines[0]
+    return {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_TOKEN": token or ""}
 
 
 def test_gated_model_without_token(tmp_path, fake_hub, image_folder):

@@ -85,7 +85,9 @@ def cmd_presets(args) -> int:
     print("| preset | " + " | ".join(columns) + " | what it is |")
     print("|---" * (len(columns) + 2) + "|")
     for name, data in rows:
-        cells = [str(data.get(c, "")) if not (c == "lora_rank" and data.get("model_type") != "lora") else "" for c in columns]
+        if data.get("model_type") != "lora":
+            data = {k: v for k, v in data.items() if k != "lora_rank"}  # a rank means nothing without LoRA
+        cells = [str(data.get(c, "")) for c in columns]
         print(f"| `{name}` | " + " | ".join(cells) + f" | {data.get('description', '')} |")
     return 0
 

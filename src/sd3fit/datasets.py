@@ -90,17 +90,22 @@ def check_image(path: Path) -> tuple[int, int]:
     return size
 
 
+def _setting(backend: dict, defaults: dict, key: str, fallback=None):
+    """A dataset's own value, else the preset's (SimpleTuner's order), else `fallback`."""
+    return backend.get(key, defaults.get(key, fallback))
+
+
 def big_enough(size: tuple[int, int], backend: dict, defaults: dict) -> bool:
     """SimpleTuner 4.10.1's `meets_resolution_requirements` (helpers/metadata/backends/base.py), for still images.
 
     `minimum_image_size` is an edge length for `pixel`, an edge length turned into an area for `pixel_area`, and
     megapixels for `area` (where a square crop also needs the matching edge).
     """
-    minimum = backend.get("minimum_image_size", defaults.get("minimum_image_size"))
+    minimum = _setting(backend, defaults, "minimum_image_size")
     if not minimum:
         return True
     width, height = size
-    kind = backend.get("resolution_type", defaults.get("resolution_type", "pixel_area"))
+    kind = _setting(backend, defaults, "resolution_type", "pixel_area")
     if kind == "pixel":
         return minimum <= width and minimum <= height
     if kind == "pixel_area":
@@ -148,9 +153,9 @@ def check(backends: list[dict], defaults: dict | None = None) -> dict[str, int]:
         if n == 0:
             raise UserError(f"dataset folder {folder} holds no images (dataset {ident}); add images with .txt captions")
         if usable == 0:
-            minimum = backend.get("minimum_image_size", defaults.get("minimum_image_size"))
             raise UserError(
-                f"all {n} images in {folder} are smaller than minimum_image_size={minimum} of dataset {ident}, "
+                f"all {n} images in {folder} are smaller than "
+                f"minimum_image_size={_setting(backend, defaults, 'minimum_image_size')} of dataset {ident}, "
                 "so SimpleTuner would skip every one; lower minimum_image_size or use larger images"
             )
         counts[ident] = n
