@@ -1,4 +1,4 @@
-"""The `sd3fit` command: `train`, `demo`, `presets`, `options`.
+"""The `sd3fit` command: `train`, `demo`, `presets`, `options`, `report`, `digest`.
 
 Bad input ends with one line on stderr, `sd3fit: error: ...`, and exit status 2.
 """
@@ -37,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("options", help="list the option names a preset may use")
     p.add_argument("pattern", nargs="?", default="", help="show only options containing this text")
+
+    p = sub.add_parser("report", help="summary table (Markdown, CSV) and figures from run folders' metrics")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with metrics.jsonl)")
+    p.add_argument("--out", help="new or empty folder for the report (default: reports/report-<date>-<time>)")
+
+    p = sub.add_parser("digest", help="text digest of profiler traces: top operators and kernels, where time goes")
+    p.add_argument("path", help="a .pt.trace.json file, or a run folder holding traces")
+    p.add_argument("--top", type=int, default=10, help="operators and kernels to list (default 10)")
     return parser
 
 
@@ -107,11 +115,56 @@ def cmd_options(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from sd3fit.report import summary, write
+
+    out = Path(args.out or time.strftime("reports/report-%Y%m%d-%H%M%S"))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"report folder {out} already exists and is not empty; choose another --out")
+    runs = []
+    for arg in args.runs:
+        run_dir = Path(arg)
+        if not (run_dir / "metrics.jsonl").is_file():
+            raise UserError(f"{arg} is not a run folder with metrics.jsonl; give folders under runs/")
+        found = summary.summarize(run_dir)
+        if found.steps == 0:
+            raise UserError(f"{arg} logged no training step; nothing to report")
+        runs.append(found)
+    for path in write.write(runs, out):
+        print(path)
+    return 0
+
+
+def cmd_digest(args) -> int:
+    from pathlib import Path
+
+    from sd3fit.measure import digest, profiler, trace
+
+    path = Path(args.path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give a .pt.trace.json file or a run folder")
+    found = [path] if path.is_file() else profiler.traces(path)
+    if not found:
+        raise UserError(f"no profiler traces under {path}; train with enable_profiler=true")
+    for n, trace_path in enumerate(found):
+        if n:
+            print()
+        loaded = trace.load(trace_path)
+        print(digest.render(digest.summarize(loaded, top=args.top), source=str(trace_path)))
+        for problem in trace.structure_problems(loaded):
+            print(f"  range problem: {problem}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         args.config = None
-    handler = {"train": cmd_train, "demo": cmd_train, "presets": cmd_presets, "options": cmd_options}[args.command]
+    handlers = {"train": cmd_train, "demo": cmd_train, "presets": cmd_presets, "options": cmd_options,
+                "report": cmd_report, "digest": cmd_digest}
+    handler = handlers[args.command]
     try:
         return handler(args)
     except UserError as exc:

@@ -29,7 +29,7 @@ _COLOURS = {
 _SHAPES = ("circle", "square", "triangle")
 
 
-def _clip_tokenizer():
+def clip_tokenizer():
     """A CLIP BPE tokenizer over single characters (no merges): small, but the real class and special tokens."""
     from transformers import CLIPTokenizer
 
@@ -41,7 +41,7 @@ def _clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _t5_tokenizer():
+def t5_tokenizer():
     """A T5 unigram tokenizer over single characters, with T5's special tokens and sentinel ids."""
     from transformers import T5TokenizerFast
 
@@ -56,8 +56,8 @@ def build_tiny_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    clip_tok = _clip_tokenizer()
-    t5_tok = _t5_tokenizer()
+    clip_tok = clip_tokenizer()
+    t5_tok = t5_tokenizer()
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sd3fit.errors import UserError
+from sd3fit.measure import settings as measure_settings
 
 SIMPLETUNER_VERSION = "4.10.1"  # the release the option table and every patch were checked against
 _OPTIONS_FILE = Path(__file__).parent / "simpletuner" / f"options-{SIMPLETUNER_VERSION}.json"
@@ -35,6 +36,7 @@ SD3FIT_KEYS: dict[str, Key] = {
         "Folder of training images with a .txt caption beside each; fills {dataset_dir} in the dataset "
         "definition. Relative paths start at the current directory.",
     ),
+    **{name: Key(kind, text) for name, (kind, text) in measure_settings.KEYS.items()},
 }
 
 # SimpleTuner options that sd3fit sets for every run, with the reason a preset may not.
@@ -129,6 +131,7 @@ def _rules(cfg: dict[str, Any]) -> None:
             raise UserError(f"option {key} would delete files from your dataset folder; sd3fit refuses it, remove such images yourself")
     if get("gradient_checkpointing_interval") and get("gradient_checkpointing") is False:
         raise UserError("option gradient_checkpointing_interval needs gradient_checkpointing=true")
+    measure_settings.check({k: v for k, v in cfg.items() if k in measure_settings.KEYS})
 
 
 def validate(preset: dict[str, Any]) -> dict[str, Any]:

@@ -20,9 +20,10 @@ import traceback
 from pathlib import Path
 
 from sd3fit.errors import UserError
+from sd3fit.measure import settings as measure_settings
 from sd3fit.runs import Run
 from sd3fit.simpletuner import compat
-from sd3fit.simpletuner.patches import cpu_pin_memory, metrics_log
+from sd3fit.simpletuner.patches import cpu_pin_memory, metrics_log, step_measure
 
 CHECKED_AGAINST = "4.10.1"
 
@@ -31,20 +32,34 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _make_trainer(options: dict, run: Run):
+def _make_trainer(options: dict, measurement):
     from simpletuner.helpers.training.trainer import Trainer
 
-    class SD3FitTrainer(Trainer):
-        """SimpleTuner's Trainer with sd3fit's per-run logging."""
+    step_measure.check(Trainer)
+
+    class SD3FitTrainer(step_measure.MeasuredTrainer, Trainer):
+        """SimpleTuner's Trainer with sd3fit's per-run metrics, ranges and profiler."""
+
+        sd3fit_measurement = measurement
 
         def init_trackers(self):
             super().init_trackers()
-            metrics_log.apply(self.accelerator, run.metrics)
+            metrics_log.apply(self.accelerator, measurement)
 
     config = {f"--{key}": value for key, value in options.items()}
     # never fall back to a config/config.json found in the working directory: the run's config is the only source
     config["__skip_config_fallback__"] = True
     return SD3FitTrainer(config=config, exit_on_error=True)
+
+
+def _measurement(run: Run, config: dict):
+    from sd3fit.measure.session import Measurement
+
+    options = config["simpletuner"]
+    settings = measure_settings.from_preset(config.get("sd3fit", {}))
+    # samples one trip through the loop trains on, over all processes
+    samples = int(options.get("train_batch_size") or 1) * int(os.environ.get("WORLD_SIZE", "1"))
+    return Measurement(settings, run.dir, run.metrics, samples, is_main=_is_main_process())
 
 
 def _model_facts(trainer) -> dict[str, int]:
@@ -98,11 +113,14 @@ def train(run: Run) -> dict:
     except RuntimeError:
         pass
 
+    import torch
+
     started = time.time()
     result = {"status": "failed", "run": str(run.dir), "cpu_pin_memory_fix": cpu_fix}
     trainer = None
+    measurement = _measurement(run, config)  # before the model loads: memory history covers loading too
     try:
-        trainer = _make_trainer(options, run)
+        trainer = _make_trainer(options, measurement)
         with dynamo_config_context(trainer.config):
             contextvars.copy_context().run(_run_training, trainer)
         try:
@@ -120,6 +138,11 @@ def train(run: Run) -> dict:
     except SystemExit as exc:
         # upstream calls sys.exit(0) when it found no usable training data
         result["error"] = f"SimpleTuner exited ({exc.code}) before finishing; see train.log"
+    except torch.OutOfMemoryError as exc:
+        result["out_of_memory"] = True
+        result["error"] = f"OutOfMemoryError: {str(exc).splitlines()[0]}"
+        measurement.on_oom()  # while the failing frames still hold their tensors
+        raise
     except BaseException as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
         raise
@@ -128,6 +151,8 @@ def train(run: Run) -> dict:
             trainer.cleanup()
         result["wall_seconds"] = round(time.time() - started, 3)
         result["artifacts"] = _artifacts(run, options)
+        measurement.close()  # idempotent: end_training already closed it when training got that far
+        result["measure"] = measurement.summary()
         if _is_main_process():
             run.result.write_text(json.dumps(result, indent=2) + "\n")
     return result

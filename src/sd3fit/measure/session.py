@@ -1,0 +1,67 @@
+"""Everything that measures one training process, built from the preset's settings before the model loads.
+
+The SimpleTuner glue (`sd3fit.simpletuner.patches.step_measure`, `metrics_log`) feeds it the trainer's events;
+`summary()` is what result.json records about measuring.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sd3fit.measure import profiler as profiling
+from sd3fit.measure.memory import MemorySnapshots
+from sd3fit.measure.settings import MeasureSettings
+from sd3fit.measure.sink import MetricsSink
+from sd3fit.measure.steps import CudaClock, CudaMemory, HostClock, HostMemory, StepRecorder
+
+
+class Measurement:
+    def __init__(self, settings: MeasureSettings, run_dir: Path, metrics_path: Path, samples_per_micro_step: int, is_main: bool):
+        import torch
+
+        self.settings = settings
+        self.run_dir = Path(run_dir)
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.cuda.get_device_name() if self.cuda else "cpu"
+        self.profiler = profiling.make_profiler(settings, self.run_dir, self.cuda)
+        self.recorder = None
+        if settings.step_metrics or self.profiler is not None:
+            self.recorder = StepRecorder(
+                clock=CudaClock(torch) if self.cuda else HostClock(),
+                memory=CudaMemory(torch) if self.cuda else HostMemory(),
+                samples_per_micro_step=samples_per_micro_step,
+                record_function=torch.profiler.record_function if self.profiler is not None else None,
+                timing=settings.step_metrics,
+                profiling_now=profiling.tracing_now(self.profiler),
+            )
+        self.sink = MetricsSink(
+            metrics_path,
+            self.run_dir / "tensorboard" if is_main else None,
+            recorder=self.recorder if settings.step_metrics else None,
+            is_main=is_main,
+        )
+        self.snapshots = MemorySnapshots(self.run_dir, settings.memory_snapshot_steps, torch)
+        self.snapshots.start()
+
+    def on_log(self, step: int, values: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+        ready = self.sink.on_log(step, values)
+        self.snapshots.after_step(step)
+        return ready
+
+    def close(self) -> list[tuple[int, dict[str, Any]]]:
+        return self.sink.close()
+
+    def on_oom(self) -> Path | None:
+        return self.snapshots.on_oom()
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"device": self.device, "clock": "cuda" if self.cuda else "host"}
+        if self.recorder is not None and self.settings.step_metrics:
+            out["memory"] = self.recorder.memory.run_peaks()
+            out["empty_fetches"] = self.recorder.skipped_fetches
+        if self.profiler is not None:
+            out["traces"] = [str(p) for p in profiling.traces(self.settings.trace_dir(self.run_dir))]
+        if self.snapshots.saved:
+            out["memory_snapshots"] = list(self.snapshots.saved)
+        return out

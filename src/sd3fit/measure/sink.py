@@ -1,0 +1,74 @@
+"""Where a run's per-step numbers go: `metrics.jsonl` and TensorBoard scalars in the run folder.
+
+The trainer's own scalars for a step (loss, learning rate, ...) arrive when it logs that step; sd3fit's timings
+for the same step may arrive a step later (see `steps`). The sink holds the trainer's scalars until both are in
+and writes one row per optimizer step: `{"step", "time", <trainer scalars>, <sd3fit scalars>}`. Rows are written
+in step order, and only by the main process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+def scalar(value) -> float | int | str | None:
+    """A JSON-ready number from a Python or 0-d tensor value; None for anything that is not one number."""
+    if hasattr(value, "numel") and value.numel() == 1:
+        value = value.detach().float().item()
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value if math.isfinite(value) else str(value)  # keep nan/inf visible: JSON has no literal for them
+    return None
+
+
+class MetricsSink:
+    def __init__(self, jsonl: Path, tensorboard_dir: Path | None, recorder=None, is_main: bool = True):
+        self.jsonl = Path(jsonl)
+        self.recorder = recorder
+        self.is_main = is_main
+        self._held: dict[int, dict[str, Any]] = {}
+        self._writer = None
+        if is_main and tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(tensorboard_dir))
+
+    def on_log(self, step: int, values: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+        """Take the trainer's values for `step`; return (step, sd3fit scalars) for every row completed now."""
+        held = self._held.setdefault(step, {"time": time.time()})
+        for key, value in values.items():
+            number = scalar(value)
+            if number is not None:
+                held[key] = number
+        ready = self.recorder.logged(step) if self.recorder is not None else [(step, {})]
+        return self._emit(ready)
+
+    def close(self) -> list[tuple[int, dict[str, Any]]]:
+        """Write what is still held (waiting for the GPU once); return the rows completed now."""
+        ready = self.recorder.flush() if self.recorder is not None else []
+        out = self._emit(ready)
+        for step in sorted(self._held):  # logged steps that never got timings (no step ran since the last log)
+            out += self._emit([(step, {})])
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return out
+
+    def _emit(self, ready: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+        for step, ours in ready:
+            row = {"step": step, **self._held.pop(step, {"time": time.time()}), **ours}
+            if not self.is_main:
+                continue
+            with self.jsonl.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self._writer is not None:
+                for key, value in row.items():
+                    if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self._writer.add_scalar(key, value, global_step=step, walltime=row["time"])
+                self._writer.flush()
+        return ready

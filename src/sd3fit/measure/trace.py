@@ -1,0 +1,96 @@
+"""Reading torch.profiler's Chrome-trace JSON: profiled steps, sd3fit's ranges in them, and their structure.
+
+Each profiled trip through the loop is a `ProfilerStep#N` range on the training thread. sd3fit's ranges are
+`user_annotation` events on the same thread: one `train_step` holding `data`, `forward`, `loss`, `backward`,
+`optimizer` as siblings.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sd3fit.measure.steps import RANGES, STEP_RANGE
+
+
+def load(path: Path) -> dict:
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return json.load(f)
+
+
+@dataclass(frozen=True)
+class Span:
+    name: str
+    start: float  # microseconds
+    dur: float
+    tid: object = None
+
+    @property
+    def end(self) -> float:
+        return self.start + self.dur
+
+    def contains(self, other: "Span") -> bool:
+        return self.start <= other.start and other.end <= self.end
+
+
+def spans(trace: dict, category: str) -> list[Span]:
+    return [
+        Span(e["name"], float(e["ts"]), float(e.get("dur", 0)), e.get("tid"))
+        for e in trace["traceEvents"]
+        if e.get("cat") == category and e.get("ph") == "X"
+    ]
+
+
+@dataclass
+class ProfiledStep:
+    step: Span  # ProfilerStep#N
+    train_steps: list[Span]
+    ranges: list[Span]  # sd3fit's inner ranges inside this ProfilerStep
+
+
+def profiled_steps(trace: dict) -> list[ProfiledStep]:
+    annotations = spans(trace, "user_annotation")
+    out = []
+    for step in sorted((s for s in annotations if s.name.startswith("ProfilerStep#")), key=lambda s: s.start):
+        inside = [s for s in annotations if s.tid == step.tid and step.contains(s) and s is not step]
+        out.append(
+            ProfiledStep(
+                step=step,
+                train_steps=[s for s in inside if s.name == STEP_RANGE],
+                ranges=sorted((s for s in inside if s.name in RANGES), key=lambda s: s.start),
+            )
+        )
+    return out
+
+
+def structure_problems(trace: dict) -> list[str]:
+    """Everything wrong with the ranges: each profiled step must hold one train_step with each range once, as
+    siblings (none inside another) inside it. An empty list means the trace is as sd3fit promises."""
+    problems = []
+    steps = profiled_steps(trace)
+    if not steps:
+        return ["no ProfilerStep ranges: the profiler recorded no step"]
+    for ps in steps:
+        label = ps.step.name
+        if len(ps.train_steps) != 1:
+            problems.append(f"{label}: {len(ps.train_steps)} {STEP_RANGE} ranges, expected 1")
+            continue
+        outer = ps.train_steps[0]
+        names = [r.name for r in ps.ranges]
+        for name in RANGES:
+            if names.count(name) != 1:
+                problems.append(f"{label}: range {name} appears {names.count(name)} times, expected once")
+        for r in ps.ranges:
+            if not outer.contains(r):
+                problems.append(f"{label}: range {r.name} is not inside {STEP_RANGE}")
+        for a in ps.ranges:
+            for b in ps.ranges:
+                if a is not b and a.contains(b) and b.dur > 0:
+                    problems.append(f"{label}: range {b.name} is nested inside {a.name}")
+        if names != [n for n in RANGES if n in names]:
+            problems.append(f"{label}: ranges in order {names}, expected {list(RANGES)}")
+    return problems
