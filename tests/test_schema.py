@@ -103,3 +103,27 @@ def test_option_table_is_for_the_pinned_simpletuner():
     table = json.loads(schema._OPTIONS_FILE.read_text())
     assert table["simpletuner"] == schema.SIMPLETUNER_VERSION
     assert {"lora_rank", "base_model_precision", "model_family"} <= set(schema.simpletuner_options())
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"profiler_activities": "cpu gpu"}, "profiler_activities must name cpu and/or cuda"),
+        ({"profiler_schedule_active": 0}, "profiler_schedule_active must be 1 or more"),
+        ({"profiler_schedule_wait": -1}, "profiler_schedule_wait must be 0 or more"),
+        ({"memory_snapshot_steps": -2}, "memory_snapshot_steps must be 0 or more"),
+        ({"enable_profiler": "yes"}, "enable_profiler must be true or false"),
+    ],
+)
+def test_measuring_keys_are_checked(change, words):
+    with pytest.raises(UserError, match=words):
+        schema.validate({**BASE, **change})
+
+
+def test_measuring_keys_stay_with_sd3fit():
+    from sd3fit.measure.settings import from_preset
+
+    own, options = schema.split(schema.validate({**BASE, "enable_profiler": True, "profiler_activities": ["cuda", "cpu"]}))
+    assert "enable_profiler" not in options and own["enable_profiler"] is True
+    settings = from_preset(own)
+    assert settings.profiler_activities == ("cuda", "cpu") and settings.step_metrics is True

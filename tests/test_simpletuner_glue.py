@@ -11,7 +11,8 @@ import torch
 from sd3fit import schema
 from sd3fit.errors import UserError
 from sd3fit.simpletuner import compat, launcher
-from sd3fit.simpletuner.patches import cpu_pin_memory, metrics_log
+from sd3fit.measure.sink import MetricsSink
+from sd3fit.simpletuner.patches import cpu_pin_memory, metrics_log, step_measure
 
 
 def test_version_gate_names_both_versions(monkeypatch):
@@ -26,6 +27,8 @@ def test_every_patch_refuses_another_version(monkeypatch):
         cpu_pin_memory.apply()
     with pytest.raises(UserError):
         metrics_log.apply(object(), "unused")
+    with pytest.raises(UserError):
+        step_measure.check(object)
 
 
 def test_launcher_stops_with_one_line_on_a_version_mismatch(monkeypatch, tmp_path, capsys):
@@ -59,18 +62,52 @@ class FakeAccelerator:
 
     def __init__(self):
         self.seen = []
+        self.ended = False
 
     def log(self, values, step=None, log_kwargs=None):
-        self.seen.append((step, values))
+        self.seen.append((step, dict(values)))
+
+    def end_training(self):
+        self.ended = True
 
 
-def test_metrics_log_writes_scalars_once_per_call(tmp_path):
+class OneStepLate:
+    """Timings for a step become readable at the next log, as CUDA events do."""
+
+    def __init__(self):
+        self.queued = []
+
+    def logged(self, step):
+        ready, self.queued = [(s, {"time/step_s": float(s)}) for s in self.queued], [step]
+        return ready
+
+    def flush(self):
+        ready, self.queued = [(s, {"time/step_s": float(s)}) for s in self.queued], []
+        return ready
+
+
+def test_metrics_log_passes_late_timings_to_trackers_in_step_order(tmp_path):
     acc = FakeAccelerator()
     path = tmp_path / "metrics.jsonl"
-    metrics_log.apply(acc, path)
-    metrics_log.apply(acc, path)  # init_trackers runs twice upstream: still one row per log call
-    acc.log({"train_loss": torch.tensor(0.5), "learning_rate": 1e-4, "image": object(), "bad": math.nan}, step=3)
+    sink = MetricsSink(path, None, recorder=OneStepLate())
+    metrics_log.apply(acc, sink)
+    metrics_log.apply(acc, sink)  # init_trackers runs twice upstream: still one row per log call
+    acc.log({"train_loss": torch.tensor(0.5), "learning_rate": 1e-4, "image": object(), "bad": math.nan}, step=1)
+    acc.log({"train_loss": 0.25}, step=2)
+    assert [step for step, _ in acc.seen] == [1, 1, 2]  # step 1's timing goes out before step 2's values
+    assert acc.seen[1][1] == {"time/step_s": 1.0}
+    acc.end_training()
+    assert acc.ended and acc.seen[-1] == (2, {"time/step_s": 2.0})
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(rows) == 1 and len(acc.seen) == 1
-    assert rows[0]["step"] == 3 and rows[0]["train_loss"] == 0.5 and rows[0]["learning_rate"] == 1e-4
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["train_loss"] == 0.5 and rows[0]["learning_rate"] == 1e-4 and rows[0]["time/step_s"] == 1.0
     assert "image" not in rows[0] and rows[0]["bad"] == "nan"
+
+
+def test_step_measure_refuses_a_trainer_without_its_seams():
+    class Moved:
+        def train(self):
+            pass
+
+    with pytest.raises(RuntimeError, match="lacks _write_train_stage_breadcrumb"):
+        step_measure.check(Moved)

@@ -71,3 +71,18 @@ def build(path: Path, device: str = "cpu", seed: int = 0) -> Path:
     (tmp / MARKER).write_text(json.dumps({"label": LABEL, "seed": seed, "parameters": parameters}, indent=2) + "\n")
     tmp.rename(path)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sd3fit.sd3_medium", description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="diffusers folder to write (kept when already complete)")
+    parser.add_argument("--device", default="cpu", help="where to build the weights: cuda is much faster (default cpu)")
+    args = parser.parse_args(argv)
+    print(build(Path(args.path), device=args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -49,3 +49,13 @@ class MemorySnapshots:
             pickle.dump(self._torch.cuda.memory._snapshot(), f)
         self.saved.append(str(path))
         return path
+
+
+def cap_gpu_memory(torch_module, budget_gib: float) -> dict:
+    """Let this process's CUDA caching allocator hold at most `budget_gib`, so a large GPU answers whether a run
+    fits a smaller card: beyond the cap allocations fail with the same out-of-memory error. The CUDA context
+    (a few hundred MiB on a real small card) is outside the allocator and not counted."""
+    total = torch_module.cuda.get_device_properties(0).total_memory
+    fraction = min(budget_gib * 1024**3 / total, 1.0)
+    torch_module.cuda.set_per_process_memory_fraction(fraction)
+    return {"budget_gib": budget_gib, "fraction": fraction, "device_total_gib": total / 1024**3}

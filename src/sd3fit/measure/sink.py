@@ -36,7 +36,8 @@ class MetricsSink:
         if is_main and tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(tensorboard_dir))
+            # the writer's thread flushes every few seconds: no file flush inside the training loop
+            self._writer = SummaryWriter(log_dir=str(tensorboard_dir), flush_secs=10)
 
     def on_log(self, step: int, values: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
         """Take the trainer's values for `step`; return (step, sd3fit scalars) for every row completed now."""
@@ -70,5 +71,4 @@ class MetricsSink:
                 for key, value in row.items():
                     if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
                         self._writer.add_scalar(key, value, global_step=step, walltime=row["time"])
-                self._writer.flush()
         return ready

@@ -115,7 +115,8 @@ class CudaMemory:
         self._outside_steps = {"allocated": 0, "reserved": 0}
 
     def _peaks(self) -> dict[str, int]:
-        return {"allocated": self._cuda.max_memory_allocated(), "reserved": self._cuda.max_memory_reserved()}
+        stats = self._cuda.memory_stats()  # one host-side call for both peaks
+        return {"allocated": stats.get("allocated_bytes.all.peak", 0), "reserved": stats.get("reserved_bytes.all.peak", 0)}
 
     def step_start(self) -> None:
         # whatever happened since the last step (loading, validation, checkpointing) counts for the run, not the step

@@ -118,6 +118,11 @@ def train(run: Run) -> dict:
     started = time.time()
     result = {"status": "failed", "run": str(run.dir), "cpu_pin_memory_fix": cpu_fix}
     trainer = None
+    budget = os.environ.get("SD3FIT_GPU_BUDGET_GIB")
+    if budget and torch.cuda.is_available():
+        from sd3fit.measure.memory import cap_gpu_memory
+
+        result["gpu_budget"] = cap_gpu_memory(torch, float(budget))
     measurement = _measurement(run, config)  # before the model loads: memory history covers loading too
     try:
         trainer = _make_trainer(options, measurement)
