@@ -68,6 +68,8 @@ runs = {v: [summarize(d) for d in sorted(out.glob(f"{v}-[0-9]*")) if d.is_dir()]
 print("median wall time between logged steps, host clock (first step and traced steps left out), per run:")
 for variant, found in ((v, f) for v, f in runs.items() if f):
     print(f"  {variant:9}" + "".join(f"  {r.median_interval_s:.4f}" for r in found) + " s")
+if not runs["off"]:
+    sys.exit("no 'off' run in this folder to compare with; run the script with the off variant")
 base = mean(r.median_interval_s for r in runs["off"])
 print(f"mean of the runs' medians: measuring off {base:.4f} s")
 if runs["metrics"]:

@@ -186,12 +186,11 @@ def test_report_tables_and_figures_match_the_metrics(runs, tmp_path):
     expected_epoch, expected_peak, expected_median = {}, {}, {}
     for name in ("profiled", "plain"):
         rows = [json.loads(line) for line in (runs[name].dir / "metrics.jsonl").read_text().splitlines()]
-        by_epoch = {}
-        for r in rows:
-            by_epoch[r["epoch"]] = by_epoch.get(r["epoch"], 0) + r["time/step_s"]
-        expected_epoch[name] = sum(by_epoch.values()) / len(by_epoch)
-        expected_peak[name] = max(r["mem/peak_rss_gib"] for r in rows)
-        expected_median[name] = float(np.median([r["time/step_s"] for r in rows[1:] if not r["profiler/active"]]))
+        result = json.loads((runs[name].dir / "result.json").read_text())
+        steady = [r["time/step_s"] for r in rows[1:] if not r["profiler/active"]]
+        expected_median[name] = float(np.median(steady))
+        expected_epoch[name] = expected_median[name] * STEPS  # the demo's 8 images make one 8-step epoch
+        expected_peak[name] = result["measure"]["memory"]["peak_rss_gib"]  # a CPU run: the process's peak
 
     from sd3fit.report import figures, summary
 
@@ -212,6 +211,17 @@ def test_report_refuses_bad_input(runs, tmp_path):
     from conftest import one_line_error
 
     assert "not a run folder" in one_line_error(run_sd3fit("report", str(tmp_path), "--out", str(tmp_path / "r")))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs["plain"].dir, damaged, ignore=shutil.ignore_patterns("cache", "output", "tensorboard"))
+    lines = (damaged / "metrics.jsonl").read_text().splitlines()
+    (damaged / "metrics.jsonl").write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
+    assert "line 4 is not JSON" in one_line_error(run_sd3fit("report", str(damaged), "--out", str(tmp_path / "r")))
+    (damaged / "metrics.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # a killed run's cut-off line
+    proc = run_sd3fit("report", str(damaged), "--out", str(tmp_path / "r2"))
+    assert proc.returncode == 0 and "| damaged | demo | cpu | 5 |" in (tmp_path / "r2" / "summary.md").read_text()
+    broken_trace = tmp_path / "broken.pt.trace.json"
+    broken_trace.write_text('{"traceEvents": [')
+    assert "cannot read trace" in one_line_error(run_sd3fit("digest", str(broken_trace)))
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")

@@ -161,3 +161,53 @@ def test_structure_check_catches_the_studys_nesting(tmp_path):
 
     problems = trace.structure_problems(profiled_trace(tmp_path, nested_loop))
     assert any("optimizer is nested inside backward" in p for p in problems), problems
+
+
+def test_epoch_end_fetch_in_a_profiled_step_is_not_a_problem(tmp_path):
+    """At an epoch's end the trainer's fetch finds no batch and the next epoch's first step follows within the
+    same profiler step: the empty fetch is a train_step holding only data, and the real step is still checked."""
+    calls = {"n": 0}
+
+    def loop_with_epoch_end(rec, model):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            rec.step_begin()
+            rec.data_done(False)
+        good_loop(rec, model)
+
+    loaded = profiled_trace(tmp_path, loop_with_epoch_end)
+    assert trace.structure_problems(loaded) == []
+    assert [p.empty_fetches for p in trace.profiled_steps(loaded)] == [1, 0]
+
+
+class FakeCuda:
+    """A caching allocator's peak counters: `use` allocates, `reset_peak_memory_stats` starts a new peak."""
+
+    def __init__(self):
+        self.current = self.peak = 0
+
+    def use(self, gib):
+        self.current = gib * steps.GIB
+        self.peak = max(self.peak, self.current)
+
+    def memory_stats(self):
+        return {"allocated_bytes.all.peak": self.peak, "reserved_bytes.all.peak": self.peak, "num_alloc_retries": 0, "num_ooms": 0}
+
+    def reset_peak_memory_stats(self):
+        self.peak = self.current
+
+
+def test_peaks_inside_and_outside_steps_are_kept_apart():
+    fake = FakeCuda()
+    memory = steps.CudaMemory(type("torch", (), {"cuda": fake}))
+    fake.use(1)  # loading
+    memory.step_start()
+    fake.use(10)  # the step
+    fake.use(2)
+    assert memory.step_end()["allocated"] == 10
+    fake.use(3)  # validation between steps
+    memory.step_start()
+    fake.use(2)
+    memory.step_end()
+    peaks = memory.run_peaks()
+    assert peaks["peak_allocated_gib"] == 10 and peaks["peak_allocated_outside_steps_gib"] == 3

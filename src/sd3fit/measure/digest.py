@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from pathlib import Path
 
 from sd3fit.measure import trace as traces
 
@@ -109,7 +108,3 @@ def render(summary: dict, source: str = "") -> str:
         for name, us in summary["top_kernels"]:
             lines.append(f"  {us / 1000:10.2f} ms  {name[:width]}")
     return "\n".join(lines)
-
-
-def digest(path: Path, top: int = 10) -> str:
-    return render(summarize(traces.load(path), top=top), source=str(path))

@@ -3,11 +3,13 @@
 With `memory_snapshot_steps: N` the allocator records every allocation's stack from start-up (model loading and
 quantization included) through training step N, then saves `memory/snapshot-step-N.pickle` and stops recording.
 An out-of-memory error saves `memory/oom.pickle` before the error goes on; with recording off that snapshot
-still shows every segment and block the allocator held, without stacks.
+still shows every segment and block the allocator held, without stacks. Processes other than rank 0 add
+`-rank<N>` to the names.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -44,7 +46,8 @@ class MemorySnapshots:
 
     def _dump(self, name: str) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / name
+        rank = os.environ.get("RANK", "0")
+        path = self.folder / (name if rank == "0" else name.replace(".pickle", f"-rank{rank}.pickle"))
         with path.open("wb") as f:
             pickle.dump(self._torch.cuda.memory._snapshot(), f)
         self.saved.append(str(path))
@@ -55,7 +58,8 @@ def cap_gpu_memory(torch_module, budget_gib: float) -> dict:
     """Let this process's CUDA caching allocator hold at most `budget_gib`, so a large GPU answers whether a run
     fits a smaller card: beyond the cap allocations fail with the same out-of-memory error. The CUDA context
     (a few hundred MiB on a real small card) is outside the allocator and not counted."""
-    total = torch_module.cuda.get_device_properties(0).total_memory
+    device = int(os.environ.get("LOCAL_RANK", "0"))  # the GPU this process trains on under accelerate launch
+    total = torch_module.cuda.get_device_properties(device).total_memory
     fraction = min(budget_gib * 1024**3 / total, 1.0)
-    torch_module.cuda.set_per_process_memory_fraction(fraction)
+    torch_module.cuda.set_per_process_memory_fraction(fraction, device)
     return {"budget_gib": budget_gib, "fraction": fraction, "device_total_gib": total / 1024**3}

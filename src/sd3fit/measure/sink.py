@@ -42,19 +42,21 @@ class MetricsSink:
     def on_log(self, step: int, values: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
         """Take the trainer's values for `step`; return (step, sd3fit scalars) for every row completed now."""
         held = self._held.setdefault(step, {"time": time.time()})
-        for key, value in values.items():
-            number = scalar(value)
-            if number is not None:
-                held[key] = number
+        if self.is_main:  # other processes write nothing: don't read their tensors
+            for key, value in values.items():
+                number = scalar(value)
+                if number is not None:
+                    held[key] = number
         ready = self.recorder.logged(step) if self.recorder is not None else [(step, {})]
         return self._emit(ready)
 
     def close(self) -> list[tuple[int, dict[str, Any]]]:
-        """Write what is still held (waiting for the GPU once); return the rows completed now."""
-        ready = self.recorder.flush() if self.recorder is not None else []
-        out = self._emit(ready)
-        for step in sorted(self._held):  # logged steps that never got timings (no step ran since the last log)
-            out += self._emit([(step, {})])
+        """Write what is still held (waiting for the GPU once), in step order; return the rows completed now.
+        Safe to call twice."""
+        ready = dict(self.recorder.flush() if self.recorder is not None else [])
+        for step in self._held:  # logged steps that never got timings (no step ran since the last log)
+            ready.setdefault(step, {})
+        out = self._emit(sorted(ready.items()))
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -44,9 +44,11 @@ ROW_KEYS = (STEP_TIME, *RANGE_TIME.values(), OTHER_TIME, THROUGHPUT, PEAK_ALLOCA
             PEAK_RSS, MICRO_STEPS, PROFILED)
 
 
-class HostClock:
-    name = "host"
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # ru_maxrss is in KiB on Linux
 
+
+class HostClock:
     def mark(self) -> float:
         return time.perf_counter()
 
@@ -62,8 +64,6 @@ class HostClock:
 
 class CudaClock:
     """Marks are CUDA events on the current stream; they measure the GPU's timeline, not the host's."""
-
-    name = "cuda"
 
     def __init__(self, torch):
         self._torch = torch
@@ -84,11 +84,19 @@ class CudaClock:
 
 
 class _NoClock:
+    """Step metrics off: no marks are taken and no rows are made."""
+
     def mark(self):
         return None
 
     def ready(self, mark) -> bool:
         return True
+
+    def wait(self, mark) -> None:
+        pass
+
+    def seconds(self, start, end) -> float:
+        return 0.0
 
 
 class HostMemory:
@@ -101,11 +109,10 @@ class HostMemory:
         return {"allocated": None, "reserved": None}
 
     def counters(self) -> dict[str, Any]:
-        # ru_maxrss is in KiB on Linux
-        return {ALLOC_RETRIES: None, OOMS: None, PEAK_RSS: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+        return {ALLOC_RETRIES: None, OOMS: None, PEAK_RSS: _peak_rss_gib()}
 
     def run_peaks(self) -> dict[str, float | None]:
-        return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+        return {"peak_rss_gib": _peak_rss_gib()}
 
 
 class CudaMemory:
@@ -129,12 +136,12 @@ class CudaMemory:
         peaks = self._peaks()
         for key, value in peaks.items():
             self._run[key] = max(self._run[key], value)
+        self._cuda.reset_peak_memory_stats()  # so the next step_start sees only what happened between steps
         return {key: value / GIB for key, value in peaks.items()}
 
     def counters(self) -> dict[str, Any]:
         stats = self._cuda.memory_stats()
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
-        return {ALLOC_RETRIES: stats.get("num_alloc_retries", 0), OOMS: stats.get("num_ooms", 0), PEAK_RSS: rss}
+        return {ALLOC_RETRIES: stats.get("num_alloc_retries", 0), OOMS: stats.get("num_ooms", 0), PEAK_RSS: _peak_rss_gib()}
 
     def run_peaks(self) -> dict[str, float]:
         for key, value in self._peaks().items():

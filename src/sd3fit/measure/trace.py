@@ -2,7 +2,8 @@
 
 Each profiled trip through the loop is a `ProfilerStep#N` range on the training thread. sd3fit's ranges are
 `user_annotation` events on the same thread: one `train_step` holding `data`, `forward`, `loss`, `backward`,
-`optimizer` as siblings.
+`optimizer` as siblings. At an epoch's end the trainer fetches from an exhausted loader, finds no batch and starts
+the next epoch within the same profiler step: that fetch shows as an extra `train_step` holding only `data`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,21 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from sd3fit.errors import UserError
 from sd3fit.measure.steps import RANGES, STEP_RANGE
 
 
 def load(path: Path) -> dict:
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        return json.load(f)
+    try:
+        with opener(path, "rt") as f:
+            trace = json.load(f)
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read trace {path} ({type(exc).__name__}); was it cut short? train again to get a new one") from None
+    if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
+        raise UserError(f"{path} is not a Chrome trace (no traceEvents list); give a .pt.trace.json written by torch.profiler")
+    return trace
 
 
 @dataclass(frozen=True)
@@ -39,17 +47,18 @@ class Span:
 
 def spans(trace: dict, category: str) -> list[Span]:
     return [
-        Span(e["name"], float(e["ts"]), float(e.get("dur", 0)), e.get("tid"))
+        Span(str(e.get("name")), float(e["ts"]), float(e.get("dur", 0)), e.get("tid"))
         for e in trace["traceEvents"]
-        if e.get("cat") == category and e.get("ph") == "X"
+        if isinstance(e, dict) and e.get("cat") == category and e.get("ph") == "X" and "ts" in e
     ]
 
 
 @dataclass
 class ProfiledStep:
     step: Span  # ProfilerStep#N
-    train_steps: list[Span]
-    ranges: list[Span]  # sd3fit's inner ranges inside this ProfilerStep
+    train_steps: list[Span]  # train_step ranges that trained (more than a data range)
+    ranges: list[Span]  # sd3fit's inner ranges inside those
+    empty_fetches: int  # train_step ranges holding only `data`: the fetch at an epoch's end
 
 
 def profiled_steps(trace: dict) -> list[ProfiledStep]:
@@ -57,19 +66,22 @@ def profiled_steps(trace: dict) -> list[ProfiledStep]:
     out = []
     for step in sorted((s for s in annotations if s.name.startswith("ProfilerStep#")), key=lambda s: s.start):
         inside = [s for s in annotations if s.tid == step.tid and step.contains(s) and s is not step]
-        out.append(
-            ProfiledStep(
-                step=step,
-                train_steps=[s for s in inside if s.name == STEP_RANGE],
-                ranges=sorted((s for s in inside if s.name in RANGES), key=lambda s: s.start),
-            )
-        )
+        inner = [s for s in inside if s.name in RANGES]
+        trained, empty = [], 0
+        for outer in (s for s in inside if s.name == STEP_RANGE):
+            if {r.name for r in inner if outer.contains(r)} <= {"data"}:
+                empty += 1
+            else:
+                trained.append(outer)
+        ranges = [r for r in inner if any(t.contains(r) for t in trained) or not any(t.contains(r) for t in inside if t.name == STEP_RANGE)]
+        out.append(ProfiledStep(step, trained, sorted(ranges, key=lambda s: s.start), empty))
     return out
 
 
 def structure_problems(trace: dict) -> list[str]:
     """Everything wrong with the ranges: each profiled step must hold one train_step with each range once, as
-    siblings (none inside another) inside it. An empty list means the trace is as sd3fit promises."""
+    siblings (none inside another) inside it (besides epoch-end fetches). An empty list means the trace is as
+    sd3fit promises."""
     problems = []
     steps = profiled_steps(trace)
     if not steps:

@@ -23,7 +23,7 @@ def _bars(labels: list[str], values: list[float], ylabel: str, title: str):
 
 def runtime_per_epoch(runs: list[RunSummary], device: str):
     usable = [r for r in runs if r.epoch_s is not None]
-    return _bars([r.run for r in usable], [r.epoch_s for r in usable], "time per epoch (s)", f"Runtime per epoch — {device}")
+    return _bars([r.run for r in usable], [r.epoch_s for r in usable], "median step x steps per epoch (s)", f"Runtime per epoch — {device}")
 
 
 def peak_memory(runs: list[RunSummary], device: str):

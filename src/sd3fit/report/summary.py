@@ -2,7 +2,11 @@
 
 Step statistics leave out the first logged step (warm-up: allocator growth, kernel selection, lazy imports) when a
 run has more than one, and steps the profiler traced (they carry its cost; they get their own median). Time per
-epoch counts every step, because an epoch's wall time includes them all.
+epoch is the median step time times the steps of a complete epoch (the most rows any epoch has), the study's
+"runtime per epoch"; it leaves out what happens between steps (logging, checkpoints, validation).
+
+Peak memory is given twice: inside training steps (the rows' maximum) and for the whole run (result.json: model
+loading, text-encoder caching and validation included), which is what decides whether a run fits a card.
 
 Two clocks: `time/step_s` is sd3fit's step timing (GPU timeline on a GPU) and exists only with step metrics on;
 the interval between consecutive logged steps is the host's wall clock and exists for every run, so it is the
@@ -17,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sd3fit.errors import UserError
+
+# the step ranges as named in metrics.jsonl (time/<name>_s); kept here so reading files needs no measuring code
 RANGES = ("data", "forward", "loss", "backward", "optimizer", "other")
 
 
@@ -36,13 +43,17 @@ class RunSummary:
     peak_allocated_gib: float | None
     peak_reserved_gib: float | None
     peak_rss_gib: float | None
+    run_peak_allocated_gib: float | None
+    run_peak_reserved_gib: float | None
     range_share: dict[str, float] = field(default_factory=dict)
 
     @property
     def peak_memory(self) -> tuple[float | None, str]:
-        """The peak a figure shows: torch's allocated peak on a GPU, the process's resident peak on a CPU."""
+        """The peak a figure shows: the whole run's allocated peak on a GPU, the process's resident peak on a CPU."""
+        if self.run_peak_allocated_gib is not None:
+            return self.run_peak_allocated_gib, "peak allocated, whole run (GiB)"
         if self.peak_allocated_gib is not None:
-            return self.peak_allocated_gib, "peak allocated (GiB)"
+            return self.peak_allocated_gib, "peak allocated in training steps (GiB)"
         return self.peak_rss_gib, "peak resident memory, CPU run (GiB)"
 
     def row(self) -> dict:
@@ -53,14 +64,42 @@ class RunSummary:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON; was the run cut short?") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object")
+    return data
 
 
 def read_rows(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a last line cut short by a killed run is left out, any other bad line is an error."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl; is it a run folder?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        raise UserError(f"{run_dir} is not a run folder with metrics.jsonl; give folders under runs/")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise UserError(f"{path} line {n} is not JSON; the file was changed or damaged") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or not isinstance(row.get("time"), (int, float)):
+            raise UserError(f"{path} line {n} is not a metrics row (needs step and time)")
+        rows.append(row)
+    return rows
+
+
+def device_label(result: dict) -> str:
+    """The GPU model, and the memory cap when the run had one: numbers under a cap are another card's."""
+    device = (result.get("measure") or {}).get("device", "unknown device")
+    budget = (result.get("gpu_budget") or {}).get("budget_gib")
+    return f"{device}, capped at {budget:g} GiB" if budget else device
 
 
 def _values(rows: list[dict], key: str) -> list[float]:
@@ -79,10 +118,10 @@ def summarize(run_dir: Path) -> RunSummary:
     plain_intervals = [dt for r, dt in intervals if not r.get("profiler/active")]
     profiled_intervals = [dt for r, dt in intervals if r.get("profiler/active")]
     median = lambda xs: float(np.median(xs)) if xs else None  # noqa: E731
-    per_epoch: dict[object, float] = {}
+    rows_per_epoch: dict[object, int] = {}
     for r in rows:
-        if isinstance(r.get("time/step_s"), (int, float)):
-            per_epoch[r.get("epoch")] = per_epoch.get(r.get("epoch"), 0.0) + r["time/step_s"]
+        rows_per_epoch[r.get("epoch")] = rows_per_epoch.get(r.get("epoch"), 0) + 1
+    steps_per_epoch = max(rows_per_epoch.values()) if rows_per_epoch else 0
     total = sum(step_times)
     shares = {}
     if total > 0:
@@ -90,20 +129,24 @@ def summarize(run_dir: Path) -> RunSummary:
             shares[name] = sum(_values(steady, f"time/{name}_s")) / total
     throughput = _values(steady, "throughput/samples_per_s")
     peak = lambda key: max(_values(rows, key)) if _values(rows, key) else None  # noqa: E731
+    run_memory = (result.get("measure") or {}).get("memory") or {}
+    median_step = median(step_times)
     return RunSummary(
         run=run_dir.name,
-        preset=Path(config.get("preset", "")).stem or "?",
-        device=(result.get("measure") or {}).get("device", "unknown"),
+        preset=Path(str(config.get("preset", ""))).stem or "?",
+        device=device_label(result),
         steps=len(rows),
         median_interval_s=median(plain_intervals),
         median_profiled_interval_s=median(profiled_intervals),
-        median_step_s=median(step_times),
+        median_step_s=median_step,
         p90_step_s=float(np.percentile(step_times, 90)) if step_times else None,
         median_profiled_step_s=median(_values(profiled, "time/step_s")),
-        epoch_s=float(np.mean(list(per_epoch.values()))) if per_epoch else None,
+        epoch_s=median_step * steps_per_epoch if median_step is not None else None,
         samples_per_s=median(throughput),
         peak_allocated_gib=peak("mem/peak_allocated_gib"),
         peak_reserved_gib=peak("mem/peak_reserved_gib"),
-        peak_rss_gib=peak("mem/peak_rss_gib"),
+        peak_rss_gib=run_memory.get("peak_rss_gib", peak("mem/peak_rss_gib")),
+        run_peak_allocated_gib=run_memory.get("peak_allocated_gib"),
+        run_peak_reserved_gib=run_memory.get("peak_reserved_gib"),
         range_share=shares,
     )

@@ -24,12 +24,14 @@ def _fmt(value, digits: int = 3) -> str:
 def markdown(runs: list[RunSummary]) -> str:
     head = ["run", "preset", "device", "steps", "median step (s)", "p90 step (s)", "profiled step (s)",
             "median log interval (s)", "profiled log interval (s)", "time per epoch (s)", "samples/s",
-            "peak allocated (GiB)", "peak reserved (GiB)", "peak RSS (GiB)"] + [f"{r} %" for r in RANGES]
+            "step peak allocated (GiB)", "step peak reserved (GiB)", "run peak allocated (GiB)",
+            "run peak reserved (GiB)", "peak RSS (GiB)"] + [f"{r} %" for r in RANGES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         cells = [r.run, r.preset, r.device, r.steps, r.median_step_s, r.p90_step_s, r.median_profiled_step_s,
                  r.median_interval_s, r.median_profiled_interval_s, r.epoch_s, r.samples_per_s,
-                 r.peak_allocated_gib, r.peak_reserved_gib, r.peak_rss_gib]
+                 r.peak_allocated_gib, r.peak_reserved_gib, r.run_peak_allocated_gib, r.run_peak_reserved_gib,
+                 r.peak_rss_gib]
         cells += [None if r.range_share.get(n) is None else 100 * r.range_share[n] for n in RANGES]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -43,9 +45,11 @@ def write(runs: list[RunSummary], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "summary.md", out / "summary.csv"]
     notes = ("Step statistics leave out each run's first logged step (warm-up) and steps the profiler traced (shown\n"
-             "apart as 'profiled'); time per epoch counts every step. Step times are sd3fit's step timing (GPU timeline\n"
-             "on a GPU); log intervals are the host's wall clock between logged steps, present with measuring off too.\n"
-             "Shares are of the training step's time; `other` is time inside a step but outside the named ranges.\n")
+             "apart as 'profiled'). Time per epoch is the median step time times the steps of a complete epoch. Step\n"
+             "times are sd3fit's step timing (GPU timeline on a GPU); log intervals are the host's wall clock between\n"
+             "logged steps, present with measuring off too. Step peaks are inside training steps; run peaks include\n"
+             "model loading, text-encoder caching and validation. Shares are of the training step's time; `other` is\n"
+             "time inside a step but outside the named ranges.\n")
     (out / "summary.md").write_text(markdown(runs) + "\n" + notes)
     with (out / "summary.csv").open("w", newline="") as f:
         rows = [r.row() for r in runs]

@@ -156,8 +156,11 @@ def train(run: Run) -> dict:
             trainer.cleanup()
         result["wall_seconds"] = round(time.time() - started, 3)
         result["artifacts"] = _artifacts(run, options)
-        measurement.close()  # idempotent: end_training already closed it when training got that far
-        result["measure"] = measurement.summary()
+        try:
+            measurement.close()  # idempotent: end_training already closed it when training got that far
+            result["measure"] = measurement.summary()
+        except Exception as exc:  # after a CUDA fault these calls fail too; keep the original error and the record
+            result["measure_error"] = f"{type(exc).__name__}: {exc}"
         if _is_main_process():
             run.result.write_text(json.dumps(result, indent=2) + "\n")
     return result

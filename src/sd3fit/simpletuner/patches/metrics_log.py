@@ -16,9 +16,12 @@ accelerator so it is installed once.
 
 from __future__ import annotations
 
+import logging
+
 from sd3fit.simpletuner import compat
 
 CHECKED_AGAINST = "4.10.1"
+logger = logging.getLogger(__name__)
 _MARK = "_sd3fit_metrics_log"
 
 
@@ -32,7 +35,12 @@ def apply(accelerator, measurement) -> None:
     def log(values: dict, step: int | None = None, log_kwargs: dict | None = None):
         log_kwargs = log_kwargs or {}
         values = dict(values)
-        for done_step, extra in measurement.on_log(step, values):
+        try:
+            done = measurement.on_log(step, values)
+        except Exception as exc:  # upstream swallows errors from log(): never lose the trainer's own values to ours
+            logger.warning("sd3fit could not record step %s: %s: %s", step, type(exc).__name__, exc)
+            done = []
+        for done_step, extra in done:
             if not extra:
                 continue
             if done_step == step:
