@@ -1,4 +1,4 @@
-"""The `sd3fit` command: `train`, `demo`, `presets`, `options`, `report`, `digest`.
+"""The `sd3fit` command: `train`, `demo`, `presets`, `options`, `report`, `digest`, `infer`.
 
 Bad input ends with one line on stderr, `sd3fit: error: ...`, and exit status 2.
 """
@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("digest", help="text digest of profiler traces: top operators and kernels, where time goes")
     p.add_argument("path", help="a .pt.trace.json file, or a run folder holding traces")
     p.add_argument("--top", type=int, default=10, help="operators and kernels to list (default 10)")
+
+    from sd3fit.infer import cli as infer_cli
+
+    infer_cli.add_parser(sub)
     return parser
 
 
@@ -125,10 +129,7 @@ def cmd_report(args) -> int:
         raise UserError(f"report folder {out} already exists and is not empty; choose another --out")
     runs = []
     for arg in args.runs:
-        run_dir = Path(arg)
-        if not (run_dir / "metrics.jsonl").is_file():
-            raise UserError(f"{arg} is not a run folder with metrics.jsonl; give folders under runs/")
-        found = summary.summarize(run_dir)
+        found = summary.summarize(Path(arg))
         if found.steps == 0:
             raise UserError(f"{arg} logged no training step; nothing to report")
         runs.append(found)
@@ -142,6 +143,8 @@ def cmd_digest(args) -> int:
 
     from sd3fit.measure import digest, profiler, trace
 
+    if args.top < 1:
+        raise UserError(f"--top must be 1 or more, not {args.top}")
     path = Path(args.path)
     if not path.exists():
         raise UserError(f"{path} does not exist; give a .pt.trace.json file or a run folder")
@@ -158,12 +161,18 @@ def cmd_digest(args) -> int:
     return 0
 
 
+def cmd_infer(args) -> int:
+    from sd3fit.infer import cli as infer_cli
+
+    return infer_cli.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         args.config = None
     handlers = {"train": cmd_train, "demo": cmd_train, "presets": cmd_presets, "options": cmd_options,
-                "report": cmd_report, "digest": cmd_digest}
+                "report": cmd_report, "digest": cmd_digest, "infer": cmd_infer}
     handler = handlers[args.command]
     try:
         return handler(args)

@@ -1,0 +1,237 @@
+"""Make images for several columns (base, LoRA adapters, full fine-tunes) on the same prompts and seeds.
+
+Each column's images are made with exactly that column's weights: an adapter is loaded for its column and unloaded
+before the next (unloading removes the LoRA layers, leaving the base weights untouched), and a full fine-tune's
+transformer replaces the base one only for its column. Seeds drive a CPU generator, so a seed gives the same noise
+on any device.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sd3fit import hub
+from sd3fit.errors import UserError
+from sd3fit.infer import sheet, sources
+
+# architecture fields a full fine-tune must share with the base model to be used in its pipeline
+_SAME_ARCHITECTURE = ("num_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim", "in_channels", "patch_size")
+
+
+@dataclass
+class Settings:
+    model: str
+    prompts: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 28
+    guidance: float = 7.0
+    width: int = 1024
+    height: int = 1024
+    negative_prompt: str | None = None
+    scale: float = 1.0
+    quantize: str | None = None  # "int8": optimum-quanto int8 weights for the transformer
+    offload: str = "none"  # none, model or sequential (diffusers' CPU offload; needs CUDA)
+    drop_t5: bool = False
+    device: str | None = None
+
+
+@dataclass
+class Column:
+    label: str
+    kind: str  # base, lora or full
+    source: sources.Adapter | sources.FullCheckpoint | None = None
+
+
+def _device(settings: Settings) -> str:
+    import torch
+
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    if settings.offload != "none" and not device.startswith("cuda"):
+        raise UserError(f"--offload {settings.offload} moves weights between CPU and GPU and needs a CUDA GPU; use --offload none")
+    return device
+
+
+def _quantize(transformer, how: str | None):
+    if how is None:
+        return transformer
+    from optimum.quanto import freeze, qint8, quantize
+
+    quantize(transformer, weights=qint8)
+    freeze(transformer)
+    return transformer
+
+
+def quiet_imports() -> None:
+    """Before importing diffusers: its optional back-ends (torchao, bitsandbytes, quanto's extension loader) print
+    import-time notices that would bury sd3fit's one-line messages."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=SyntaxWarning)
+    for name in ("bitsandbytes", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _quiet() -> None:
+    """Loading bars and LoRA-prefix notices would bury the one line sd3fit prints."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+def load_pipeline(settings: Settings):
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    _quiet()
+    device = _device(settings)
+    source = hub.check_model(settings.model)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if settings.drop_t5 else {}
+    pipe = StableDiffusion3Pipeline.from_pretrained(settings.model, dtype=dtype, **extra)
+    _quantize(pipe.transformer, settings.quantize)
+    _place(pipe, settings, device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, {"device": device, "dtype": str(dtype).removeprefix("torch."), "model_source": source}
+
+
+def _place(pipe, settings: Settings, device: str) -> None:
+    if settings.offload == "model":
+        pipe.enable_model_cpu_offload()
+    elif settings.offload == "sequential":
+        pipe.enable_sequential_cpu_offload()
+    else:
+        pipe.to(device)
+
+
+def _images(pipe, settings: Settings, column: Column, device: str, lora_scale: float | None) -> list[dict]:
+    import torch
+
+    out = []
+    cuda = device.startswith("cuda")
+    for prompt in settings.prompts:
+        for seed in settings.seeds:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            image = pipe(
+                prompt,
+                negative_prompt=settings.negative_prompt,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                width=settings.width,
+                height=settings.height,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                joint_attention_kwargs={"scale": lora_scale} if lora_scale is not None else None,
+            ).images[0]
+            if cuda:
+                torch.cuda.synchronize()
+            out.append({
+                "image": image,
+                "prompt": prompt,
+                "seed": seed,
+                "seconds": round(time.perf_counter() - started, 3),
+                "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 3) if cuda else None,
+            })
+    return out
+
+
+def _run_column(pipe, settings: Settings, column: Column, device: str) -> tuple[list[dict], dict]:
+    if column.kind == "base":
+        return _images(pipe, settings, column, device, None), {}
+    if column.kind == "lora":
+        state = sources.load_adapter_weights(column.source)
+        rank = sources.check_adapter_fits(column.source, state, pipe.transformer)
+        pipe.load_lora_weights(dict(state), adapter_name="sd3fit_column")
+        try:
+            images = _images(pipe, settings, column, device, settings.scale)
+        finally:
+            pipe.unload_lora_weights()  # the next column must not see this adapter
+        return images, {"adapter": column.source.spec, "adapter_file": str(column.source.file), "rank": rank, "scale": settings.scale}
+    return _full_column(pipe, settings, column, device)
+
+
+def _full_column(pipe, settings: Settings, column: Column, device: str) -> tuple[list[dict], dict]:
+    from diffusers import SD3Transformer2DModel
+
+    base = pipe.transformer
+    tuned = SD3Transformer2DModel.from_pretrained(column.source.transformer, dtype=base.dtype)
+    different = [k for k in _SAME_ARCHITECTURE if tuned.config.get(k) != base.config.get(k)]
+    if different:
+        k = different[0]
+        raise UserError(f"full checkpoint {column.source.spec} was trained from another model: {k} is {tuned.config.get(k)} there, {base.config.get(k)} here")
+    _quantize(tuned, settings.quantize)
+    if settings.offload != "none":
+        pipe.remove_all_hooks()
+    pipe.transformer = tuned
+    _place(pipe, settings, device)
+    try:
+        images = _images(pipe, settings, column, device, None)
+    finally:
+        if settings.offload != "none":
+            pipe.remove_all_hooks()
+        pipe.transformer = base
+        _place(pipe, settings, device)
+        del tuned
+    return images, {"transformer": str(column.source.transformer)}
+
+
+def _unique(labels: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
+    return out
+
+
+def run(settings: Settings, columns: list[Column], out: Path) -> dict:
+    """Write out/images/*.png, out/images.json (sidecar) and out/contact_sheet.png; return the sidecar."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output folder {out} already exists and is not empty; choose another --out")
+    pipe, facts = load_pipeline(settings)
+    labels = _unique([c.label for c in columns])
+    rows = [f"{p} (seed {s})" for p in settings.prompts for s in settings.seeds]
+    made = []
+    for column in columns:
+        made.append(_run_column(pipe, settings, column, facts["device"]))
+    (out / "images").mkdir(parents=True)
+    records = []
+    grid = [[None] * len(columns) for _ in rows]
+    for col, ((images, column_facts), column, label) in enumerate(zip(made, columns, labels)):
+        for row, item in enumerate(images):
+            name = f"images/r{row:02d}-c{col:02d}-{label}.png"
+            item["image"].save(out / name)
+            grid[row][col] = item["image"]
+            records.append({
+                "file": name, "row": row, "column": col, "label": label, "kind": column.kind,
+                "prompt": item["prompt"], "seed": item["seed"], "seconds": item["seconds"],
+                "peak_gpu_gib": item["peak_gpu_gib"], **column_facts,
+            })
+    sheet.contact_sheet(grid, rows, labels).save(out / "contact_sheet.png")
+    sidecar = {
+        "model": settings.model,
+        **facts,
+        "settings": {k: v for k, v in asdict(settings).items() if k not in ("model", "prompts", "seeds")},
+        "prompts": settings.prompts,
+        "seeds": settings.seeds,
+        "columns": labels,
+        "rows": rows,
+        "contact_sheet": "contact_sheet.png",
+        "images": records,
+    }
+    (out / "images.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    return sidecar

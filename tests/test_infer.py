@@ -1,0 +1,146 @@
+"""Inference with the tiny SD3 and adapters / a full checkpoint from real tiny training runs: each image made with
+exactly one column's weights, the contact sheet's grid, the sidecar, and each bad input's one-line error."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import one_line_error, run_sd3fit
+from sd3fit.infer import generate, sheet, sources
+from sd3fit.infer.generate import Column, Settings
+from test_hub import fake_hub, hub_env  # noqa: F401  (the local stand-in for the Hub)
+
+PROMPTS = ["a red circle on a blue background", "a green square"]
+SEEDS = [3]
+
+
+def train(root, name, *overrides):
+    proc = run_sd3fit("train", *overrides, "validation_disable=true", "--name", name, "--runs-dir", str(root), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_assets):
+    """Two different LoRA adapters and a full fine-tune, each from a real 8-step run on the demo."""
+    root = tmp_path_factory.mktemp("trained")
+    return {
+        "model": demo_assets["model"],
+        "a": train(root, "lora-a"),
+        "b": train(root, "lora-b", "lora_rank=8", "lora_alpha=8", "seed=7", "learning_rate=0.003"),
+        "full": train(root, "full", "model_type=full", "learning_rate=0.0003"),
+    }
+
+
+def settings(trained, **changes) -> Settings:
+    values = dict(model=str(trained["model"]), prompts=PROMPTS, seeds=SEEDS, steps=2, width=128, height=128, device="cpu")
+    return Settings(**{**values, **changes})
+
+
+def lora(name, trained) -> Column:
+    found = sources.adapter(str(trained[name]))
+    return Column(found.label, "lora", found)
+
+
+def pixels(out, sidecar, label) -> list[np.ndarray]:
+    return [np.asarray(Image.open(out / r["file"])) for r in sidecar["images"] if r["label"] == label]
+
+
+def test_scale_zero_gives_the_base_image(trained, tmp_path):
+    out = tmp_path / "s0"
+    sidecar = generate.run(settings(trained, scale=0.0), [Column("base", "base"), lora("a", trained)], out)
+    base, adapted = pixels(out, sidecar, "base"), pixels(out, sidecar, "lora-a")
+    assert all(np.array_equal(x, y) for x, y in zip(base, adapted))
+
+
+def test_each_image_has_exactly_one_adapter(trained, tmp_path):
+    both = generate.run(settings(trained), [Column("base", "base"), lora("a", trained), lora("b", trained)], tmp_path / "ab")
+    alone = generate.run(settings(trained), [lora("b", trained)], tmp_path / "b")
+    b_after_a, b_alone = pixels(tmp_path / "ab", both, "lora-b"), pixels(tmp_path / "b", alone, "lora-b")
+    assert all(np.array_equal(x, y) for x, y in zip(b_after_a, b_alone))  # the study's loop mixed adapters here
+    base, a = pixels(tmp_path / "ab", both, "base"), pixels(tmp_path / "ab", both, "lora-a")
+    assert not np.array_equal(a[0], b_after_a[0]) and not np.array_equal(a[0], base[0])  # the adapters do change images
+    record = next(r for r in both["images"] if r["label"] == "lora-b")
+    assert record["rank"] == 8 and record["scale"] == 1.0 and record["adapter_file"].endswith("pytorch_lora_weights.safetensors")
+
+
+def test_full_checkpoint_loads_and_differs_from_the_base(trained, tmp_path):
+    proc = run_sd3fit("infer", "full", "--checkpoint", str(trained["full"]), "--with-base", "--model", str(trained["model"]),
+                      "--prompt", PROMPTS[0], "--seed", "3", "--steps", "2", "--size", "128", "--device", "cpu",
+                      "--out", str(tmp_path / "full"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sidecar = json.loads((tmp_path / "full" / "images.json").read_text())
+    assert sidecar["columns"] == ["base", "full"]
+    base, full = pixels(tmp_path / "full", sidecar, "base"), pixels(tmp_path / "full", sidecar, "full")
+    assert not np.array_equal(base[0], full[0])
+    assert sidecar["images"][1]["transformer"].endswith("output/pipeline/transformer")
+
+
+def test_contact_sheet_grid_and_sidecar(trained, tmp_path):
+    out = tmp_path / "grid"
+    sidecar = generate.run(settings(trained, seeds=[1, 2]), [Column("base", "base"), lora("a", trained), lora("b", trained)], out)
+    rows, cols = len(PROMPTS) * 2, 3
+    assert len(sidecar["images"]) == rows * cols and sidecar["columns"] == ["base", "lora-a", "lora-b"]
+    assert sidecar["rows"][1] == f"{PROMPTS[0]} (seed 2)"
+    sheet_image = Image.open(out / "contact_sheet.png")
+    assert sheet_image.size == (sheet.LABEL_WIDTH + cols * 128, sheet.HEADER + rows * 128)
+    for record in sidecar["images"]:
+        cell = sheet_image.crop(sheet.cell_box(record["row"], record["column"], 128, 128))
+        assert np.array_equal(np.asarray(cell), np.asarray(Image.open(out / record["file"]).convert("RGB")))
+        assert record["prompt"] == PROMPTS[record["row"] // 2] and record["seed"] == [1, 2][record["row"] % 2]
+        assert record["seconds"] > 0 and record["peak_gpu_gib"] is None  # no GPU here: no made-up number
+    assert sidecar["model"] == str(trained["model"]) and sidecar["settings"]["steps"] == 2
+
+
+def infer(tmp_path, *args, env=None):
+    return run_sd3fit("infer", *args, "--steps", "2", "--size", "128", "--device", "cpu", "--out", str(tmp_path / "out"), env=env)
+
+
+def test_missing_adapter_file(trained, tmp_path):
+    line = one_line_error(infer(tmp_path, "lora", "--model", str(trained["model"]), "--adapter", str(tmp_path / "nope.safetensors"), "--prompt", "x"))
+    assert "adapter file not found" in line and not (tmp_path / "out").exists()
+
+
+def test_adapter_for_another_model(trained, tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    other = tmp_path / "other.safetensors"  # a rank-4 LoRA for a layer 64 features wide; the tiny model's is 32
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 64),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(64, 4)}, str(other))
+    line = one_line_error(infer(tmp_path, "lora", "--model", str(trained["model"]), "--adapter", str(other), "--prompt", "x"))
+    assert "was trained for another model" in line and "transformer_blocks.0.attn.to_q" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_rank_mismatch(trained, tmp_path):
+    run = tmp_path / "edited-run"
+    shutil.copytree(trained["a"], run, ignore=shutil.ignore_patterns("cache"))
+    config = json.loads((run / "config.json").read_text())
+    config["simpletuner"]["lora_rank"] = 16
+    (run / "config.json").write_text(json.dumps(config))
+    line = one_line_error(infer(tmp_path, "lora", "--model", str(trained["model"]), "--adapter", str(run), "--prompt", "x"))
+    assert "rank mismatch" in line and "lora_rank=16" in line and "rank 4" in line
+
+
+def test_gated_model_without_token(tmp_path, fake_hub):  # noqa: F811
+    line = one_line_error(infer(tmp_path, "base", "--model", "stabilityai/stable-diffusion-3-medium-diffusers", "--prompt", "x",
+                                env=hub_env(tmp_path, fake_hub)))
+    assert "is gated and no Hugging Face token is set" in line
+
+
+def test_empty_prompt_file(trained, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# only a comment\n\n")
+    line = one_line_error(infer(tmp_path, "base", "--model", str(trained["model"]), "--prompts", str(prompts)))
+    assert f"prompt file {prompts} holds no prompt" in line
+
+
+def test_output_folder_in_use(trained, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.png").write_bytes(b"keep")
+    line = one_line_error(infer(tmp_path, "base", "--model", str(trained["model"]), "--prompt", "x"))
+    assert "not empty" in line and (tmp_path / "out" / "mine.png").read_bytes() == b"keep"
