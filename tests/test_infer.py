@@ -144,3 +144,20 @@ def test_output_folder_in_use(trained, tmp_path):
     (tmp_path / "out" / "mine.png").write_bytes(b"keep")
     line = one_line_error(infer(tmp_path, "base", "--model", str(trained["model"]), "--prompt", "x"))
     assert "not empty" in line and (tmp_path / "out" / "mine.png").read_bytes() == b"keep"
+
+
+def test_small_gpu_options_on_the_tiny_model(trained, tmp_path):
+    """int8 weights (with an adapter on top) and dropping T5 run and change the image only a little / as expected."""
+    plain = generate.run(settings(trained, prompts=PROMPTS[:1]), [Column("base", "base"), lora("a", trained)], tmp_path / "plain")
+    quant = generate.run(settings(trained, prompts=PROMPTS[:1], quantize="int8"), [Column("base", "base"), lora("a", trained)], tmp_path / "q")
+    no_t5 = generate.run(settings(trained, prompts=PROMPTS[:1], drop_t5=True), [Column("base", "base")], tmp_path / "no-t5")
+    p, q, n = (pixels(tmp_path / d, sc, "base")[0].astype(int) for d, sc in (("plain", plain), ("q", quant), ("no-t5", no_t5)))
+    assert 0 < np.abs(p - q).mean() < 8  # int8 weights: close to the bf16/fp32 image, not identical
+    assert not np.array_equal(p, n)  # without T5 the prompt embedding differs
+    assert quant["settings"]["quantize"] == "int8" and no_t5["settings"]["drop_t5"] is True
+    assert len(pixels(tmp_path / "q", quant, "lora-a")) == 1
+
+
+def test_offload_needs_a_gpu(trained, tmp_path):
+    line = one_line_error(infer(tmp_path, "base", "--model", str(trained["model"]), "--prompt", "x", "--offload", "model"))
+    assert "--offload model" in line and "needs a CUDA GPU" in line
