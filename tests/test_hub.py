@@ -16,7 +16,10 @@ SD3 = "stabilityai/stable-diffusion-3-medium-diffusers"
 class _FakeHub(http.server.BaseHTTPRequestHandler):
     """Answers like huggingface.co: gated repos get 401/403 with X-Error-Code GatedRepo, unknown ones RepoNotFound."""
 
-    def do_GET(self):
+    def do_HEAD(self):  # hf_hub_download asks for a file's metadata first
+        self.do_GET(body=False)
+
+    def do_GET(self, body=True):
         if "/stabilityai/" in self.path:
             code, error = (403 if self.headers.get("authorization") else 401), "GatedRepo"
         elif "/public/" in self.path:
@@ -29,7 +32,8 @@ class _FakeHub(http.server.BaseHTTPRequestHandler):
             self.send_header("X-Error-Message", "Access to model is restricted" if error == "GatedRepo" else "Repository not found")
         self.send_header("Content-Length", "2")
         self.end_headers()
-        self.wfile.write(b"{}")
+        if body:
+            self.wfile.write(b"{}")
 
     def log_message(self, *args):
         pass

@@ -111,7 +111,9 @@ def test_adapter_for_another_model(trained, tmp_path):
     other = tmp_path / "other.safetensors"  # a rank-4 LoRA for a layer 64 features wide; the tiny model's is 32
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 64),
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(64, 4)}, str(other))
-    line = one_line_error(infer(tmp_path, "lora", "--model", str(trained["model"]), "--adapter", str(other), "--prompt", "x"))
+    # a good adapter and the base come first: every column is checked before the first image is made
+    line = one_line_error(infer(tmp_path, "lora", "--model", str(trained["model"]), "--with-base", "--adapter", str(trained["a"]),
+                                "--adapter", str(other), "--prompt", "x"))
     assert "was trained for another model" in line and "transformer_blocks.0.attn.to_q" in line
     assert not (tmp_path / "out").exists()
 
@@ -161,3 +163,59 @@ def test_small_gpu_options_on_the_tiny_model(trained, tmp_path):
 def test_offload_needs_a_gpu(trained, tmp_path):
     line = one_line_error(infer(tmp_path, "base", "--model", str(trained["model"]), "--prompt", "x", "--offload", "model"))
     assert "--offload model" in line and "needs a CUDA GPU" in line
+
+
+def test_alpha_of_the_training_run_sets_the_strength(trained, tmp_path):
+    """SimpleTuner saves no lora_alpha in the file; diffusers would assume alpha = rank. A run trained with
+    lora_alpha 8 at rank 4 must be applied at twice the strength of the bare file."""
+    run = tmp_path / "alpha-run"
+    shutil.copytree(trained["a"], run, ignore=shutil.ignore_patterns("cache"))
+    config = json.loads((run / "config.json").read_text())
+    config["simpletuner"]["lora_alpha"] = 8
+    (run / "config.json").write_text(json.dumps(config))
+    file = run / "output" / "pytorch_lora_weights.safetensors"
+    from_run = generate.run(settings(trained, prompts=PROMPTS[:1]), [Column("run", "lora", sources.adapter(str(run)))], tmp_path / "r")
+    doubled = generate.run(settings(trained, prompts=PROMPTS[:1], scale=2.0), [Column("file", "lora", sources.adapter(str(file)))], tmp_path / "f")
+    assert np.array_equal(pixels(tmp_path / "r", from_run, "run")[0], pixels(tmp_path / "f", doubled, "file")[0])
+    assert from_run["images"][0]["alpha_factor"] == 2.0 and doubled["images"][0]["alpha_factor"] == 1.0
+
+
+def test_key_layouts_load_the_same_adapter(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    original = load_file(str(trained["a"] / "output" / "pytorch_lora_weights.safetensors"))
+    bare = tmp_path / "bare.safetensors"
+    save_file({k.removeprefix("transformer."): v for k, v in original.items()}, str(bare))
+    peft = tmp_path / "peft.safetensors"
+    save_file({"base_model.model." + k.removeprefix("transformer."): v for k, v in original.items()}, str(peft))
+    columns = [lora("a", trained), Column("bare", "lora", sources.adapter(str(bare))), Column("peft", "lora", sources.adapter(str(peft)))]
+    sidecar = generate.run(settings(trained, prompts=PROMPTS[:1]), columns, tmp_path / "out")
+    a, b, p = (pixels(tmp_path / "out", sidecar, label)[0] for label in ("lora-a", "bare", "peft"))
+    assert np.array_equal(a, b) and np.array_equal(a, p)
+
+
+def test_adapter_sources_refuse_what_they_cannot_use(trained, tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    from sd3fit.errors import UserError
+
+    kohya = tmp_path / "kohya.safetensors"
+    save_file({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(4, 8)}, str(kohya))
+    with pytest.raises(UserError, match="kohya/ComfyUI format"):
+        sources.load_adapter_weights(sources.adapter(str(kohya)))
+    with pytest.raises(UserError, match="that run is a full fine-tune: use --checkpoint"):
+        sources.adapter(str(trained["full"]))
+    with pytest.raises(UserError, match="that run trained a LoRA: use --adapter"):
+        sources.full_checkpoint(str(trained["a"]))
+
+
+def test_hub_adapter_with_a_file_name_goes_to_the_hub(tmp_path, fake_hub):  # noqa: F811
+    line = one_line_error(infer(tmp_path, "lora", "--model", str(tmp_path), "--adapter", "someone/style:my.safetensors",
+                                "--prompt", "x", env=hub_env(tmp_path, fake_hub)))
+    assert "adapter someone/style was not found on the Hugging Face Hub" in line
+
+
+def test_int8_with_sequential_offload_is_refused(trained, tmp_path):
+    line = one_line_error(infer(tmp_path, "base", "--model", str(trained["model"]), "--prompt", "x", "--quantize", "int8", "--offload", "sequential"))
+    assert "use --offload model" in line

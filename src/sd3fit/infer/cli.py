@@ -63,8 +63,8 @@ def _prompts(args) -> list[str]:
 
 def _size(text: str) -> tuple[int, int]:
     try:
-        w, _, h = text.lower().partition("x")
-        width, height = int(w), int(h or w)
+        w, sep, h = text.lower().partition("x")
+        width, height = int(w), int(h if sep else w)
     except ValueError:
         raise UserError(f"--size must be WIDTHxHEIGHT or one number, not {text!r}") from None
     if width <= 0 or height <= 0 or width % 16 or height % 16:
@@ -76,6 +76,9 @@ def settings_from(args) -> Settings:
     width, height = _size(args.size)
     if args.steps <= 0:
         raise UserError(f"--steps must be positive, not {args.steps}")
+    for seed in args.seed or []:
+        if not 0 <= seed < 2**63:
+            raise UserError(f"--seed must be between 0 and 2**63-1, not {seed}")
     return Settings(
         model=args.model, prompts=_prompts(args), seeds=args.seed or [0], steps=args.steps, guidance=args.guidance,
         width=width, height=height, negative_prompt=args.negative_prompt, scale=getattr(args, "scale", 1.0),

@@ -17,8 +17,6 @@ from sd3fit import hub
 from sd3fit.errors import UserError
 from sd3fit.infer import sheet, sources
 
-# architecture fields a full fine-tune must share with the base model to be used in its pipeline
-_SAME_ARCHITECTURE = ("num_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim", "in_channels", "patch_size")
 
 
 @dataclass
@@ -51,6 +49,9 @@ def _device(settings: Settings) -> str:
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    if settings.offload == "sequential" and settings.quantize:
+        # accelerate's layer-by-layer offload cannot move optimum-quanto's packed int8 tensors
+        raise UserError(f"--quantize {settings.quantize} cannot be combined with --offload sequential; use --offload model")
     if settings.offload != "none" and not device.startswith("cuda"):
         raise UserError(f"--offload {settings.offload} moves weights between CPU and GPU and needs a CUDA GPU; use --offload none")
     return device
@@ -109,9 +110,9 @@ def load_pipeline(settings: Settings):
 
 def _place(pipe, settings: Settings, device: str) -> None:
     if settings.offload == "model":
-        pipe.enable_model_cpu_offload()
+        pipe.enable_model_cpu_offload(device=device)
     elif settings.offload == "sequential":
-        pipe.enable_sequential_cpu_offload()
+        pipe.enable_sequential_cpu_offload(device=device)
     else:
         pipe.to(device)
 
@@ -124,8 +125,8 @@ def _images(pipe, settings: Settings, column: Column, device: str, lora_scale: f
     for prompt in settings.prompts:
         for seed in settings.seeds:
             if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
             image = pipe(
                 prompt,
@@ -138,44 +139,73 @@ def _images(pipe, settings: Settings, column: Column, device: str, lora_scale: f
                 joint_attention_kwargs={"scale": lora_scale} if lora_scale is not None else None,
             ).images[0]
             if cuda:
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             out.append({
                 "image": image,
                 "prompt": prompt,
                 "seed": seed,
                 "seconds": round(time.perf_counter() - started, 3),
-                "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 3) if cuda else None,
+                "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 1024**3, 3) if cuda else None,
             })
     return out
 
 
-def _run_column(pipe, settings: Settings, column: Column, device: str) -> tuple[list[dict], dict]:
+def _prepare(pipe, column: Column):
+    """Everything that can be checked about a column before any image is made: weights read and checked against
+    the loaded pipeline (adapters) or configuration compared (full fine-tunes). Returns what generation needs."""
+    if column.kind == "lora":
+        state = sources.load_adapter_weights(column.source)
+        return state, sources.check_adapter_fits(column.source, state, pipe)
+    if column.kind == "full":
+        from diffusers import SD3Transformer2DModel
+
+        try:
+            config = SD3Transformer2DModel.load_config(column.source.transformer)
+        except Exception as exc:
+            raise UserError(f"full checkpoint {column.source.spec}: cannot read its transformer config ({type(exc).__name__})") from None
+        base = pipe.transformer.config
+        different = [k for k in config if not k.startswith("_") and k in base and config[k] != base[k]]
+        if different:
+            k = different[0]
+            raise UserError(f"full checkpoint {column.source.spec} was trained from another model: {k} is {config[k]} there, {base[k]} here")
+    return None, None
+
+
+def _run_column(pipe, settings: Settings, column: Column, device: str, prepared) -> tuple[list[dict], dict]:
     if column.kind == "base":
         return _images(pipe, settings, column, device, None), {}
     if column.kind == "lora":
-        state = sources.load_adapter_weights(column.source)
-        rank = sources.check_adapter_fits(column.source, state, pipe.transformer)
-        pipe.load_lora_weights(dict(state), adapter_name="sd3fit_column")
+        state, rank = prepared
+        scale = settings.scale * column.source.alpha_factor
         try:
-            images = _images(pipe, settings, column, device, settings.scale)
+            pipe.load_lora_weights(dict(state), adapter_name="sd3fit_column")
+        except Exception as exc:
+            pipe.unload_lora_weights()
+            raise UserError(f"adapter {column.source.spec} could not be loaded: {str(exc).splitlines()[0][:200]}") from None
+        try:
+            images = _images(pipe, settings, column, device, scale)
         finally:
             pipe.unload_lora_weights()  # the next column must not see this adapter
-        return images, {"adapter": column.source.spec, "adapter_file": str(column.source.file), "rank": rank, "scale": settings.scale}
+        facts = {"adapter": column.source.spec, "adapter_file": str(column.source.file), "rank": rank, "scale": settings.scale,
+                 "alpha_factor": column.source.alpha_factor, "alpha_from": column.source.alpha_source, "effective_scale": scale}
+        return images, facts
     return _full_column(pipe, settings, column, device)
 
 
 def _full_column(pipe, settings: Settings, column: Column, device: str) -> tuple[list[dict], dict]:
+    import torch
     from diffusers import SD3Transformer2DModel
 
     base = pipe.transformer
-    tuned = SD3Transformer2DModel.from_pretrained(column.source.transformer, dtype=base.dtype)
-    different = [k for k in _SAME_ARCHITECTURE if tuned.config.get(k) != base.config.get(k)]
-    if different:
-        k = different[0]
-        raise UserError(f"full checkpoint {column.source.spec} was trained from another model: {k} is {tuned.config.get(k)} there, {base.config.get(k)} here")
+    try:
+        tuned = SD3Transformer2DModel.from_pretrained(column.source.transformer, dtype=base.dtype)
+    except Exception as exc:
+        raise UserError(f"full checkpoint {column.source.spec} cannot be loaded ({type(exc).__name__}); is the run complete?") from None
     _quantize(tuned, settings.quantize)
     if settings.offload != "none":
         pipe.remove_all_hooks()
+    else:
+        base.to("cpu")  # one transformer on the GPU at a time
     pipe.transformer = tuned
     _place(pipe, settings, device)
     try:
@@ -184,8 +214,10 @@ def _full_column(pipe, settings: Settings, column: Column, device: str) -> tuple
         if settings.offload != "none":
             pipe.remove_all_hooks()
         pipe.transformer = base
-        _place(pipe, settings, device)
         del tuned
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        _place(pipe, settings, device)
     return images, {"transformer": str(column.source.transformer)}
 
 
@@ -205,9 +237,8 @@ def run(settings: Settings, columns: list[Column], out: Path) -> dict:
     pipe, facts = load_pipeline(settings)
     labels = _unique([c.label for c in columns])
     rows = [f"{p} (seed {s})" for p in settings.prompts for s in settings.seeds]
-    made = []
-    for column in columns:
-        made.append(_run_column(pipe, settings, column, facts["device"]))
+    prepared = [_prepare(pipe, column) for column in columns]  # every column is checked before the first image
+    made = [_run_column(pipe, settings, column, facts["device"], ready) for column, ready in zip(columns, prepared)]
     (out / "images").mkdir(parents=True)
     records = []
     grid = [[None] * len(columns) for _ in rows]
