@@ -43,6 +43,49 @@ def runs(tmp_path_factory, demo_assets):
     }
 
 
+def wandb_history(run_file: Path) -> list[dict]:
+    """The history rows of a W&B offline run file: a LevelDB-style log (32 KiB blocks, 7-byte record headers, after
+    a 7-byte file header) of `Record` protobufs."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, records, pending = run_file.read_bytes(), 7, [], b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            records.append(chunk)
+        elif kind in (2, 3):
+            pending = chunk if kind == 2 else pending + chunk
+        elif kind == 4:
+            records.append(pending + chunk)
+    rows = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_wandb_gets_the_step_metrics_offline_without_a_key(tmp_path, demo_assets):
+    env = {"WANDB_API_KEY": "", "WANDB_MODE": "", "NETRC": str(tmp_path / "no-netrc")}
+    proc = run_sd3fit("train", "report_to=wandb", "--name", "wandb", "--runs-dir", str(tmp_path), env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = Run(tmp_path / "wandb")
+    (run_file,) = (run.dir / "wandb").glob("offline-run-*/run-*.wandb")  # offline: nothing was sent
+    history = wandb_history(run_file)
+    assert [h["_step"] for h in history] == list(range(1, STEPS + 1))  # one row per step, in order
+    rows = run.read_metrics()
+    for h, r in zip(history, rows):
+        assert h["train_loss"] == pytest.approx(r["train_loss"]) and h[steps.STEP_TIME] == pytest.approx(r[steps.STEP_TIME])
+        assert steps.RANGE_TIME["backward"] in h and steps.THROUGHPUT in h
+
+
 def the_trace(run: Run) -> Path:
     found = profiler.traces(run.dir / "tensorboard" / "profiler")
     assert len(found) == 1, found

@@ -91,7 +91,8 @@ def child_env(prepared: Prepared) -> dict[str, str]:
         env.setdefault("HF_HUB_OFFLINE", "1")
     if "wandb" in str(options.get("report_to", "")) and not _wandb_credentials(env):
         # no key: log to the run folder (sync later with `wandb sync`) instead of prompting or calling the network
-        env.setdefault("WANDB_MODE", "offline")
+        if not env.get("WANDB_MODE"):
+            env["WANDB_MODE"] = "offline"
     return env
 
 
