@@ -87,3 +87,13 @@ def test_demo_placeholder_points_at_the_demo_assets(monkeypatch, tmp_path):
     p = presets.load(None)
     assert p.uses_demo
     assert p.values["pretrained_model_name_or_path"] == str(tmp_path / "demo-v1" / "tiny-sd3")
+
+
+def test_recorded_paths_leave_the_machine_out(tmp_path):
+    from pathlib import Path
+
+    from sd3fit.presets import CONFIG_DIR, portable
+
+    assert portable(CONFIG_DIR / "demo.json") == "config/demo.json"
+    assert portable(Path.home() / "models" / "sd3") == "~/models/sd3"
+    assert portable(tmp_path) == str(tmp_path.resolve())

@@ -28,6 +28,16 @@ DEMO_TOKEN = "{demo}"
 _PATH_SUFFIXES = ("_dir", "_path", "_config", "_file", "_library", "name_or_path", "init_lora", "resume_from_checkpoint")
 
 
+def portable(path: Path | str) -> str:
+    """A path for records that travel (results, sidecars): relative to the project when inside it, `~/...` under
+    the home folder, else as it is; the machine's own layout stays out of files others read."""
+    path = Path(path).expanduser().resolve()
+    for base, shown in ((PROJECT_DIR, ""), (Path.home().resolve(), "~/")):
+        if path.is_relative_to(base):
+            return shown + str(path.relative_to(base))
+    return str(path)
+
+
 def demo_assets_dir() -> Path:
     root = os.environ.get("SD3FIT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd3fit"
     return Path(root) / "demo-v1"

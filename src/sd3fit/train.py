@@ -58,7 +58,7 @@ def prepare(preset_arg: str | None, overrides: list[str], name: str | None = Non
     images = datasets.check(backends, options)
     options = {**options, "output_dir": str(run.output), "data_backend_config": str(run.datasets)}
     record = {
-        "preset": str(preset.path.resolve()),
+        "preset": presets.portable(preset.path),
         "overrides": preset.overrides,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model_source": source,

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sd3fit import hub
+from sd3fit import hub, presets
 from sd3fit.errors import UserError
 from sd3fit.infer import sheet, sources
 
@@ -186,7 +186,7 @@ def _run_column(pipe, settings: Settings, column: Column, device: str, prepared)
             images = _images(pipe, settings, column, device, scale)
         finally:
             pipe.unload_lora_weights()  # the next column must not see this adapter
-        facts = {"adapter": column.source.spec, "adapter_file": str(column.source.file), "rank": rank, "scale": settings.scale,
+        facts = {"adapter": column.source.spec, "adapter_file": presets.portable(column.source.file), "rank": rank, "scale": settings.scale,
                  "alpha_factor": column.source.alpha_factor, "alpha_from": column.source.alpha_source, "effective_scale": scale}
         return images, facts
     return _full_column(pipe, settings, column, device)
@@ -218,7 +218,7 @@ def _full_column(pipe, settings: Settings, column: Column, device: str) -> tuple
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         _place(pipe, settings, device)
-    return images, {"transformer": str(column.source.transformer)}
+    return images, {"transformer": presets.portable(column.source.transformer)}
 
 
 def _unique(labels: list[str]) -> list[str]:
@@ -254,7 +254,7 @@ def run(settings: Settings, columns: list[Column], out: Path) -> dict:
             })
     sheet.contact_sheet(grid, rows, labels).save(out / "contact_sheet.png")
     sidecar = {
-        "model": settings.model,
+        "model": presets.portable(settings.model) if hub.looks_like_path(settings.model) else settings.model,
         **facts,
         "settings": {k: v for k, v in asdict(settings).items() if k not in ("model", "prompts", "seeds")},
         "prompts": settings.prompts,
