@@ -123,10 +123,10 @@ def cmd_report(args) -> int:
     from pathlib import Path
 
     from sd3fit.report import summary, write
+    from sd3fit.runs import require_free_folder
 
     out = Path(args.out or time.strftime("reports/report-%Y%m%d-%H%M%S"))
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"report folder {out} already exists and is not empty; choose another --out")
+    require_free_folder(out, "--out")
     runs = []
     for arg in args.runs:
         found = summary.summarize(Path(arg))

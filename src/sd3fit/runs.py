@@ -45,15 +45,44 @@ class Run:
         return self.dir.name
 
     def read_config(self) -> dict:
-        return json.loads(self.config.read_text())
+        return _read_object(self.config)
 
     def read_result(self) -> dict | None:
-        return json.loads(self.result.read_text()) if self.result.is_file() else None
+        return _read_object(self.result) if self.result.is_file() else None
 
     def read_metrics(self) -> list[dict]:
+        """The rows of metrics.jsonl; a last line cut short by a killed run is left out, any other bad line is an error."""
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.metrics.read_text().splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines):
+                    break
+                raise UserError(f"{self.metrics} line {n} is not JSON; the file was changed or damaged") from None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int) or not isinstance(row.get("time"), (int, float)):
+                raise UserError(f"{self.metrics} line {n} is not a metrics row (needs step and time)")
+            rows.append(row)
+        return rows
+
+
+def _read_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON; was the run cut short?") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object")
+    return data
+
+
+def require_free_folder(path: Path, option: str) -> None:
+    """An output folder must be new or empty: sd3fit never writes over earlier results."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{path} already exists and is not empty; choose another {option}")
 
 
 def plan(root: Path, name: str | None, preset_name: str) -> Run:

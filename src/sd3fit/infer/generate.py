@@ -16,6 +16,7 @@ from pathlib import Path
 from sd3fit import hub, presets
 from sd3fit.errors import UserError
 from sd3fit.infer import sheet, sources
+from sd3fit.runs import require_free_folder
 
 
 
@@ -117,7 +118,7 @@ def _place(pipe, settings: Settings, device: str) -> None:
         pipe.to(device)
 
 
-def _images(pipe, settings: Settings, column: Column, device: str, lora_scale: float | None) -> list[dict]:
+def _images(pipe, settings: Settings, device: str, lora_scale: float | None) -> list[dict]:
     import torch
 
     out = []
@@ -173,7 +174,7 @@ def _prepare(pipe, column: Column):
 
 def _run_column(pipe, settings: Settings, column: Column, device: str, prepared) -> tuple[list[dict], dict]:
     if column.kind == "base":
-        return _images(pipe, settings, column, device, None), {}
+        return _images(pipe, settings, device, None), {}
     if column.kind == "lora":
         state, rank = prepared
         scale = settings.scale * column.source.alpha_factor
@@ -183,7 +184,7 @@ def _run_column(pipe, settings: Settings, column: Column, device: str, prepared)
             pipe.unload_lora_weights()
             raise UserError(f"adapter {column.source.spec} could not be loaded: {str(exc).splitlines()[0][:200]}") from None
         try:
-            images = _images(pipe, settings, column, device, scale)
+            images = _images(pipe, settings, device, scale)
         finally:
             pipe.unload_lora_weights()  # the next column must not see this adapter
         facts = {"adapter": column.source.spec, "adapter_file": presets.portable(column.source.file), "rank": rank, "scale": settings.scale,
@@ -209,7 +210,7 @@ def _full_column(pipe, settings: Settings, column: Column, device: str) -> tuple
     pipe.transformer = tuned
     _place(pipe, settings, device)
     try:
-        images = _images(pipe, settings, column, device, None)
+        images = _images(pipe, settings, device, None)
     finally:
         if settings.offload != "none":
             pipe.remove_all_hooks()
@@ -232,8 +233,7 @@ def _unique(labels: list[str]) -> list[str]:
 
 def run(settings: Settings, columns: list[Column], out: Path) -> dict:
     """Write out/images/*.png, out/images.json (sidecar) and out/contact_sheet.png; return the sidecar."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output folder {out} already exists and is not empty; choose another --out")
+    require_free_folder(out, "--out")
     pipe, facts = load_pipeline(settings)
     labels = _unique([c.label for c in columns])
     rows = [f"{p} (seed {s})" for p in settings.prompts for s in settings.seeds]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sd3fit.errors import UserError
 from sd3fit.hub import looks_like_path
+from sd3fit.runs import Run
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 
@@ -41,13 +42,8 @@ _HUB_WITH_FILE = re.compile(r"^[\w.-]+/[\w.-]+:[^/]+$")
 
 
 def _run_config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text()).get("simpletuner", {})
-    except (json.JSONDecodeError, AttributeError):
-        raise UserError(f"{path} is not a run's config.json; is {run_dir} a run folder?") from None
+    run = Run(run_dir)
+    return run.read_config().get("simpletuner", {}) if run.config.is_file() else {}
 
 
 def _label(file: Path) -> str:

@@ -66,7 +66,8 @@ def summarize(trace: dict, top: int = 10) -> dict:
     def share(value: float) -> float:
         return value / wall if wall else 0.0
 
-    ranges = {name: share(sum(a.dur for a in _within(annotations, steps) if a.name == name)) for name in ("data", "optimizer")}
+    in_steps = _within(annotations, steps)
+    ranges = {name: share(sum(a.dur for a in in_steps if a.name == name)) for name in ("data", "optimizer")}
     if kernels:
         basis = kernel_time
         idle = 1.0 - share(_union([(k.start, k.end) for k in kernels]))

@@ -67,14 +67,11 @@ def profiled_steps(trace: dict) -> list[ProfiledStep]:
     for step in sorted((s for s in annotations if s.name.startswith("ProfilerStep#")), key=lambda s: s.start):
         inside = [s for s in annotations if s.tid == step.tid and step.contains(s) and s is not step]
         inner = [s for s in inside if s.name in RANGES]
-        trained, empty = [], 0
-        for outer in (s for s in inside if s.name == STEP_RANGE):
-            if {r.name for r in inner if outer.contains(r)} <= {"data"}:
-                empty += 1
-            else:
-                trained.append(outer)
-        ranges = [r for r in inner if any(t.contains(r) for t in trained) or not any(t.contains(r) for t in inside if t.name == STEP_RANGE)]
-        out.append(ProfiledStep(step, trained, sorted(ranges, key=lambda s: s.start), empty))
+        outers = [s for s in inside if s.name == STEP_RANGE]
+        trained = [o for o in outers if {r.name for r in inner if o.contains(r)} - {"data"}]
+        # ranges of empty fetches are left out; ranges inside no train_step stay, to be reported
+        ranges = [r for r in inner if any(t.contains(r) for t in trained) or not any(o.contains(r) for o in outers)]
+        out.append(ProfiledStep(step, trained, sorted(ranges, key=lambda s: s.start), len(outers) - len(trained)))
     return out
 
 

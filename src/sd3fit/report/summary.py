@@ -15,13 +15,13 @@ number that compares runs with measuring on and off.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from sd3fit.errors import UserError
+from sd3fit.runs import Run
 
 # the step ranges as named in metrics.jsonl (time/<name>_s); kept here so reading files needs no measuring code
 RANGES = ("data", "forward", "loss", "backward", "optimizer", "other")
@@ -63,36 +63,11 @@ class RunSummary:
         return out
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not valid JSON; was the run cut short?") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object")
-    return data
-
-
 def read_rows(run_dir: Path) -> list[dict]:
-    """The rows of metrics.jsonl; a last line cut short by a killed run is left out, any other bad line is an error."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    run = Run(Path(run_dir))
+    if not run.metrics.is_file():
         raise UserError(f"{run_dir} is not a run folder with metrics.jsonl; give folders under runs/")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break
-            raise UserError(f"{path} line {n} is not JSON; the file was changed or damaged") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or not isinstance(row.get("time"), (int, float)):
-            raise UserError(f"{path} line {n} is not a metrics row (needs step and time)")
-        rows.append(row)
-    return rows
+    return run.read_metrics()
 
 
 def device_label(result: dict) -> str:
@@ -109,7 +84,8 @@ def _values(rows: list[dict], key: str) -> list[float]:
 def summarize(run_dir: Path) -> RunSummary:
     run_dir = Path(run_dir)
     rows = read_rows(run_dir)
-    result, config = _read_json(run_dir / "result.json"), _read_json(run_dir / "config.json")
+    run = Run(run_dir)
+    result, config = run.read_result() or {}, run.read_config() if run.config.is_file() else {}
     intervals = [(b, b["time"] - a["time"]) for a, b in zip(rows, rows[1:])]  # skips the first row: warm-up
     steady_all = rows[1:] if len(rows) > 1 else rows
     steady = [r for r in steady_all if not r.get("profiler/active")]
