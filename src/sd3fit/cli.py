@@ -1,4 +1,4 @@
-"""The `sd3fit` command: `train`, `demo`, `presets`, `options`, `report`, `digest`, `infer`.
+"""The `sd3fit` command: `train`, `demo`, `presets`, `options`, `bench`, `report`, `digest`, `infer`.
 
 Bad input ends with one line on stderr, `sd3fit: error: ...`, and exit status 2.
 """
@@ -38,8 +38,26 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("options", help="list the option names a preset may use")
     p.add_argument("pattern", nargs="?", default="", help="show only options containing this text")
 
-    p = sub.add_parser("report", help="summary table (Markdown, CSV) and figures from run folders' metrics")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with metrics.jsonl)")
+    p = sub.add_parser("bench", help="train each preset for a few steps and record time and memory per preset")
+    p.add_argument("--presets", nargs="+", metavar="PRESET", help="presets to run (default: every preset in config/ but the demo)")
+    p.add_argument("--steps", type=int, default=30, help="measured steps after warm-up (default 30)")
+    p.add_argument("--warmup-steps", type=int, default=5, help="steps before measuring starts (default 5)")
+    p.add_argument("--resolution", type=int, default=1024, help="training resolution in px: 1024 or 512 (default 1024)")
+    p.add_argument("--gpu-budget", nargs="+", default=["none"], metavar="SIZE",
+                   help="cap GPU memory to answer 'would it fit this card?': 24GB, 16GB, 22.5GiB, or none; "
+                        "several values run every preset under each (default none)")
+    p.add_argument("--model", default="auto",
+                   help="Hub id or diffusers folder; 'random' builds SD3 Medium's architecture with random weights; "
+                        "'auto' (default) uses the presets' model if its weights are here, else random")
+    p.add_argument("--no-validation", action="store_true", help="skip the one validation at the last step")
+    p.add_argument("--keep-weights", action="store_true", help="keep each run's trained adapter or model (deleted by default)")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (TFLOP/s) for MFU, if sd3fit does not know it")
+    p.add_argument("--out", help="new or empty folder for results (default: benchmarks/bench-<date>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the benchmark in --out: run only what has no row yet")
+
+    p = sub.add_parser("report", help="summary table and figures from run folders or benchmark results")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR|RESULTS",
+                   help="run folders (each with metrics.jsonl), or benchmark results (results.jsonl or its folder)")
     p.add_argument("--out", help="new or empty folder for the report (default: reports/report-<date>-<time>)")
 
     p = sub.add_parser("digest", help="text digest of profiler traces: top operators and kernels, where time goes")
@@ -119,6 +137,30 @@ def cmd_options(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import shlex
+    from pathlib import Path
+
+    from sd3fit.bench import runner
+
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out: the folder of the benchmark to continue")
+    settings = runner.Settings(
+        presets=args.presets or runner.default_presets(), budgets=args.gpu_budget, steps=args.steps,
+        warmup_steps=args.warmup_steps, resolution=args.resolution, model=args.model,
+        validation=not args.no_validation, keep_weights=args.keep_weights, peak_tflops=args.peak_tflops,
+    )
+    out = Path(args.out or time.strftime("benchmarks/bench-%Y%m%d-%H%M%S"))
+    command = "sd3fit " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "sd3fit bench"
+    return runner.run(settings, out, resume=args.resume, command=command)
+
+
+def _is_bench_results(path) -> bool:
+    if path.is_file():
+        return path.suffix == ".jsonl" and path.name != "metrics.jsonl"
+    return (path / "results.jsonl").is_file()
+
+
 def cmd_report(args) -> int:
     from pathlib import Path
 
@@ -127,6 +169,19 @@ def cmd_report(args) -> int:
 
     out = Path(args.out or time.strftime("reports/report-%Y%m%d-%H%M%S"))
     require_free_folder(out, "--out")
+    paths = [Path(a) for a in args.runs]
+    if any(_is_bench_results(p) for p in paths):
+        from sd3fit.bench import rows
+        from sd3fit.report import bench
+
+        if not all(_is_bench_results(p) for p in paths):
+            raise UserError("give either run folders or benchmark results to one report, not both")
+        found = [row for p in paths for row in rows.read(p)]
+        if not found:
+            raise UserError(f"{args.runs[0]} holds no benchmark rows yet")
+        for path in bench.write(found, out):
+            print(path)
+        return 0
     runs = []
     for arg in args.runs:
         found = summary.summarize(Path(arg))
@@ -172,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         args.config = None
     handlers = {"train": cmd_train, "demo": cmd_train, "presets": cmd_presets, "options": cmd_options,
-                "report": cmd_report, "digest": cmd_digest, "infer": cmd_infer}
+                "bench": cmd_bench, "report": cmd_report, "digest": cmd_digest, "infer": cmd_infer}
     handler = handlers[args.command]
     try:
         return handler(args)

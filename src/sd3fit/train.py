@@ -103,8 +103,9 @@ def _wandb_credentials(env: dict[str, str]) -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def launch(prepared: Prepared, num_processes: int = 1) -> int:
-    """Run the launcher, copying its output to the console and to train.log; return its exit code."""
+def launch(prepared: Prepared, num_processes: int = 1, env: dict[str, str] | None = None, echo: bool = True) -> int:
+    """Run the launcher, copying its output to train.log (and to the console with `echo`); return its exit code.
+    `env` adds variables for the trainer's process (the benchmark's memory cap)."""
     run = prepared.run
     module = ["-m", "sd3fit.simpletuner.launcher", str(run.dir)]
     if num_processes > 1:
@@ -112,12 +113,14 @@ def launch(prepared: Prepared, num_processes: int = 1) -> int:
     else:
         cmd = [sys.executable, *module]
     with run.log.open("ab") as log:
-        proc = subprocess.Popen(cmd, cwd=run.dir, env=child_env(prepared), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=run.dir, env={**child_env(prepared), **(env or {})}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
         try:
             for chunk in iter(lambda: proc.stdout.read1(65536), b""):
                 log.write(chunk)
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.buffer.flush()
+                if echo:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.buffer.flush()
         except KeyboardInterrupt:
             proc.terminate()
         return proc.wait()

@@ -1,0 +1,196 @@
+"""Tables and figures from benchmark results files (`sd3fit bench`), never from typed-in numbers.
+
+Rows are compared only within one group: the same GPU model, model (real or random weights), resolution and batch
+size. Each group gets its own table and its own pair of figures, so numbers from different GPUs never share one.
+Ratios compare a preset with the full fine-tune of the same group under the same GPU budget.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sd3fit.bench.budget import CARD_SIZES_GB, GIB  # noqa: E402
+
+STATUS = {"finished": "ran", "out_of_memory": "**out of memory**", "failed": "failed"}
+COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
+
+
+def group_key(row: dict) -> tuple:
+    return (row.get("gpu") or "CPU", row.get("model_label") or row.get("model"), row.get("resolution"), row.get("batch_size"))
+
+
+def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows per group, each group ordered by preset, then budget (in the order they first appear)."""
+    out: dict[tuple, list[dict]] = {}
+    for row in rows:
+        out.setdefault(group_key(row), []).append(row)
+    for key, group in out.items():
+        presets, budgets = _ordered(r["preset"] for r in group), _ordered(r["budget"] for r in group)
+        group.sort(key=lambda r: (presets.index(r["preset"]), budgets.index(r["budget"])))
+    return out
+
+
+def _ordered(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def _full(rows: list[dict], budget: str) -> dict | None:
+    for row in rows:
+        if row.get("model_type") == "full" and row.get("budget") == budget:
+            return row
+    return None
+
+
+def ratio(row: dict, full: dict | None, key: str) -> float | None:
+    """row / full fine-tune. Step times compare whenever both trained; memory peaks only when both runs finished
+    (an out-of-memory error cuts a run's peak short)."""
+    if not full or not row.get(key) or not full.get(key):
+        return None
+    if not key.startswith("step_s") and (row["status"] != "finished" or full["status"] != "finished"):
+        return None
+    return row[key] / full[key]
+
+
+def _f(value, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def title(key: tuple) -> str:
+    gpu, model, resolution, batch = key
+    return f"{gpu} — {model}, {resolution} px, batch {batch}"
+
+
+def markdown(rows: list[dict]) -> str:
+    parts = []
+    for key, group in groups(rows).items():
+        first = group[0]
+        dates = sorted(r["date"][:10] for r in group if r.get("date"))
+        parts.append(f"### {title(key)}\n")
+        parts.append(f"GPU memory {_f(first.get('gpu_memory_gib'), '.1f')} GiB, driver {first.get('driver') or '–'}, "
+                     f"CUDA {first.get('cuda') or '–'}; torch {first.get('torch')}, SimpleTuner {first.get('simpletuner')}, "
+                     f"diffusers {first.get('diffusers')}, transformers {first.get('transformers')}; "
+                     f"{first.get('warmup_steps')} warm-up + {first.get('measured_steps') or '?'} measured steps; "
+                     f"{dates[0] if dates else '?'}{'' if not dates or dates[0] == dates[-1] else ' to ' + dates[-1]}.\n")
+        head = ["preset", "GPU budget", "result", "median step (s)", "p10–p90 (s)", "images/s", "MFU",
+                "steps: peak alloc. (GiB)", "steps: peak reserved (GiB)", "whole run: peak alloc. (GiB)",
+                "whole run: peak reserved (GiB)", "time vs full", "step memory vs full", "run memory vs full"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in group:
+            full = _full(group, row["budget"])
+            finished = row.get("step_s_median") is not None  # trained: an OOM at validation keeps its step times
+            spread = f"{_f(row.get('step_s_p10'), '.3f')}–{_f(row.get('step_s_p90'), '.3f')}" if finished else "–"
+            budget = "none" if row.get("budget_gib") is None else f"{row['budget']} ({row['budget_gib']:.2f} GiB)"
+            cells = [f"`{row['preset']}`", budget, STATUS.get(row["status"], row["status"]),
+                     _f(row.get("step_s_median"), ".3f") if finished else "–", spread,
+                     _f(row.get("images_per_s")) if finished else "–",
+                     _f(100 * row["mfu"], ".1f") + " %" if finished and row.get("mfu") else "–",
+                     _f(row.get("step_peak_allocated_gib")), _f(row.get("step_peak_reserved_gib")),
+                     _f(row.get("run_peak_allocated_gib")), _f(row.get("run_peak_reserved_gib")),
+                     _f(ratio(row, full, "step_s_median")), _f(ratio(row, full, "step_peak_allocated_gib")),
+                     _f(ratio(row, full, "run_peak_reserved_gib"))]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+        problems = [r for r in group if r["status"] != "finished"]
+        for row in problems:
+            parts.append(f"- `{row['preset']}` under budget {row['budget']}: {row['status']}: {row.get('error')}")
+        if problems:
+            parts.append("")
+    return "\n".join(parts)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def step_time(group: list[dict], heading: str):
+    presets = _ordered(r["preset"] for r in group)
+    budgets = _ordered(r["budget"] for r in group)
+    width = 0.8 / len(budgets)
+    labelled: set[str] = set()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(presets) + 2), 4.5))
+    for i, budget in enumerate(budgets):
+        for j, preset in enumerate(presets):
+            row = next((r for r in group if r["preset"] == preset and r["budget"] == budget), None)
+            x = j + (i - (len(budgets) - 1) / 2) * width
+            if row is None:
+                continue
+            if row.get("step_s_median") is None:
+                ax.text(x, 0, ("OOM" if row["status"] == "out_of_memory" else "failed") + f" at {budget}", rotation=90,
+                        ha="center", va="bottom", fontsize=8, color=COLORS[i % len(COLORS)])
+                continue
+            median = row["step_s_median"]
+            err = [[median - row["step_s_p10"]], [row["step_s_p90"] - median]]
+            bar = ax.bar(x, median, width, color=COLORS[i % len(COLORS)], yerr=err, capsize=3,
+                         hatch="//" if row["status"] != "finished" else None,
+                         label=None if budget in labelled else f"GPU budget {budget}")
+            labelled.add(budget)
+            ax.bar_label(bar, labels=[f"{median:.2f}" + ("\nOOM later" if row["status"] == "out_of_memory" else "")],
+                         fontsize=8, padding=2)
+    ax.set_xticks(range(len(presets)), presets, rotation=15)
+    ax.set_ylabel("median training step (s), whiskers p10–p90")
+    ax.set_title(f"Time per training step\n{heading}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def peak_memory(group: list[dict], heading: str):
+    presets = _ordered(r["preset"] for r in group)
+    budgets = _ordered(r["budget"] for r in group)
+    measured_under = "none" if "none" in budgets else budgets[0]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(presets) + 2), 5.2))
+    series = (("step_peak_allocated_gib", "in training steps, allocated"), ("run_peak_reserved_gib", "whole run, reserved"))
+    width = 0.38
+    top = 0.0
+    for i, (key, label) in enumerate(series):
+        xs, values = [], []
+        for j, preset in enumerate(presets):
+            row = next((r for r in group if r["preset"] == preset and r["budget"] == measured_under), None)
+            if row and row.get(key) is not None:
+                xs.append(j + (i - 0.5) * width)
+                values.append(row[key])
+        if values:
+            bars = ax.bar(xs, values, width, color=COLORS[i], label=label)
+            ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+            top = max(top, max(values))
+    for gb in CARD_SIZES_GB:
+        gib = gb * 1e9 / GIB
+        if gib < top * 1.3:
+            ax.axhline(gib, color="grey", linestyle="--", linewidth=0.8)
+            ax.text(-0.45, gib, f"{gb} GB card", fontsize=7, color="grey", ha="left", va="bottom")
+    for j, preset in enumerate(presets):
+        capped = [r for r in group if r["preset"] == preset and r.get("budget_gib") is not None]
+        verdicts = [("fits " if r["status"] == "finished" else "OOM at " if r["status"] == "out_of_memory" else "failed at ")
+                    + r["budget"] for r in capped]
+        if verdicts:
+            ax.text(j, -0.09, "\n".join(verdicts), transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=8)
+    ax.set_xticks(range(len(presets)), presets)
+    ax.set_ylabel("peak GPU memory (GiB)")
+    ax.set_title(f"Peak memory (runs with GPU budget {measured_under})\n{heading}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def write(rows: list[dict], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "summary.md"]
+    (out / "summary.md").write_text(markdown(rows))
+    found = groups(rows)
+    for key, group in found.items():
+        suffix = "" if len(found) == 1 else f"-{_slug(' '.join(str(k) for k in key))}"
+        for name, draw in (("step_time", step_time), ("peak_memory", peak_memory)):
+            if name == "peak_memory" and all(r.get("run_peak_reserved_gib") is None and r.get("step_peak_allocated_gib") is None for r in group):
+                continue  # a CPU benchmark has no GPU memory to draw
+            path = out / f"{name}{suffix}.png"
+            fig = draw(group, title(key))
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+    return written
