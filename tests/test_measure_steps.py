@@ -183,15 +183,26 @@ def test_epoch_end_fetch_in_a_profiled_step_is_not_a_problem(tmp_path):
 class FakeCuda:
     """A caching allocator's peak counters: `use` allocates, `reset_peak_memory_stats` starts a new peak."""
 
-    def __init__(self):
+    TOTAL = 80 * steps.GIB
+
+    def __init__(self, context_gib=0.5):
         self.current = self.peak = 0
+        self.context = context_gib * steps.GIB  # device memory outside the allocator
+        self.ooms = 0
 
     def use(self, gib):
         self.current = gib * steps.GIB
         self.peak = max(self.peak, self.current)
 
     def memory_stats(self):
-        return {"allocated_bytes.all.peak": self.peak, "reserved_bytes.all.peak": self.peak, "num_alloc_retries": 0, "num_ooms": 0}
+        return {"allocated_bytes.all.peak": self.peak, "reserved_bytes.all.peak": self.peak, "num_alloc_retries": 0,
+                "num_ooms": self.ooms}
+
+    def memory_reserved(self):
+        return self.current
+
+    def mem_get_info(self):
+        return self.TOTAL - self.current - self.context, self.TOTAL
 
     def reset_peak_memory_stats(self):
         self.peak = self.current
@@ -211,3 +222,17 @@ def test_peaks_inside_and_outside_steps_are_kept_apart():
     memory.step_end()
     peaks = memory.run_peaks()
     assert peaks["peak_allocated_gib"] == 10 and peaks["peak_allocated_outside_steps_gib"] == 3
+    assert peaks["outside_allocator_gib"] == 0.5 and peaks["ooms"] == 0
+
+
+def test_run_peaks_count_out_of_memory_errors_and_memory_outside_the_allocator():
+    fake = FakeCuda(context_gib=0.75)
+    memory = steps.CudaMemory(type("torch", (), {"cuda": fake}))
+    memory.step_start()
+    fake.use(4)
+    memory.step_end()
+    fake.ooms = 3  # caught by the trainer, e.g. while generating a validation image
+    fake.context = 0.25 * steps.GIB  # smaller at the end: the larger reading (first step) is kept
+    peaks = memory.run_peaks()
+    assert peaks["ooms"] == 3
+    assert peaks["outside_allocator_gib"] == 0.75

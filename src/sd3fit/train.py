@@ -145,4 +145,7 @@ def summary(run: runs.Run, elapsed: float) -> str:
     if losses:
         lines.append(f"steps: {result.get('global_step')}, last train_loss: {losses[-1]}")
     lines.append(f"time: {elapsed:.0f} s in all, {result.get('wall_seconds', 0):.0f} s of it in SimpleTuner's run sequence")
+    if result.get("status") == "finished" and result.get("caught_ooms"):
+        lines.append(f"warning: SimpleTuner caught {result['caught_ooms']} out-of-memory error(s) and went on (see "
+                     f"{shown(run.log)}): this preset does not fit this GPU as configured")
     return "\n".join(lines)

@@ -120,12 +120,26 @@ class CudaMemory:
         self._cuda = torch.cuda
         self._run = {"allocated": 0, "reserved": 0}
         self._outside_steps = {"allocated": 0, "reserved": 0}
+        self._outside_allocator: int | None = None
+
+    def _sample_outside_allocator(self) -> None:
+        """Device memory in use that PyTorch's allocator does not hold: the CUDA context, libraries' own buffers
+        (and any other process on the GPU). A memory cap leaves it out, a real card does not; read at the first
+        step (everything initialised) and at the end, not every step (it asks the driver)."""
+        try:
+            free, total = self._cuda.mem_get_info()
+        except RuntimeError:
+            return
+        outside = total - free - self._cuda.memory_reserved()
+        self._outside_allocator = max(self._outside_allocator or 0, outside)
 
     def _peaks(self) -> dict[str, int]:
         stats = self._cuda.memory_stats()  # one host-side call for both peaks
         return {"allocated": stats.get("allocated_bytes.all.peak", 0), "reserved": stats.get("reserved_bytes.all.peak", 0)}
 
     def step_start(self) -> None:
+        if self._outside_allocator is None:
+            self._sample_outside_allocator()
         # whatever happened since the last step (loading, validation, checkpointing) counts for the run, not the step
         for key, value in self._peaks().items():
             self._outside_steps[key] = max(self._outside_steps[key], value)
@@ -147,11 +161,16 @@ class CudaMemory:
         for key, value in self._peaks().items():
             self._run[key] = max(self._run[key], value)
             self._outside_steps[key] = max(self._outside_steps[key], value)
+        self._sample_outside_allocator()
+        stats = self._cuda.memory_stats()
         return {
             "peak_allocated_gib": self._run["allocated"] / GIB,
             "peak_reserved_gib": self._run["reserved"] / GIB,
             "peak_allocated_outside_steps_gib": self._outside_steps["allocated"] / GIB,
             "peak_reserved_outside_steps_gib": self._outside_steps["reserved"] / GIB,
+            "outside_allocator_gib": None if self._outside_allocator is None else self._outside_allocator / GIB,
+            # out-of-memory errors in the whole run, including those the trainer caught and went on from
+            "ooms": stats.get("num_ooms", 0),
         }
 
 

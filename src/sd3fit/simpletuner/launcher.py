@@ -95,6 +95,13 @@ def _artifacts(run: Run, options: dict) -> dict[str, str]:
     return found
 
 
+def _caught_ooms(torch) -> int:
+    try:
+        return int(torch.cuda.memory_stats().get("num_ooms", 0)) if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
 def train(run: Run) -> dict:
     """Train and return the result record (also written to result.json by the main process)."""
     config = run.read_config()
@@ -161,6 +168,12 @@ def train(run: Run) -> dict:
             result["measure"] = measurement.summary()
         except Exception as exc:  # after a CUDA fault these calls fail too; keep the original error and the record
             result["measure_error"] = f"{type(exc).__name__}: {exc}"
+        ooms = _caught_ooms(torch)
+        if ooms:
+            # SimpleTuner catches some out-of-memory errors (a validation image, a VAE cache batch) and goes on or
+            # exits quietly: the run did not fit even when training finished
+            result["out_of_memory"] = True
+            result["caught_ooms"] = ooms
         if _is_main_process():
             run.result.write_text(json.dumps(result, indent=2) + "\n")
     return result
