@@ -269,3 +269,22 @@ def test_bench_bad_input(tmp_path, demo_assets):
     (out / "keep.txt").write_text("earlier results")
     assert "not empty" in one_line_error(run_sd3fit("bench", "--presets", "demo", "--out", str(out)))
     assert (out / "keep.txt").read_text() == "earlier results"
+
+
+def test_rescan_recomputes_rows_from_run_folders_into_a_new_file(tmp_path):
+    out = tmp_path / "bench"
+    run = _run_folder(out / "runs", FINISHED, log="[ERROR] Error generating validation image: CUDA out of memory. "
+                                                  "Tried to allocate 2.00 GiB. GPU 0 has")
+    written = {key: None for key in rows.FIELDS}
+    written.update(preset="lora", budget="24GB", status="finished", run=f"/elsewhere/runs/{run.dir.name}",
+                   warmup_steps=2, model_tflop_per_image=20.0, peak_tflops=1000.0, gpu="GPU A")
+    (out / "results.jsonl").write_text(json.dumps(written) + "\n")
+    before = (out / "results.jsonl").read_text()
+    target = rows.rescan(out)
+    assert (out / "results.jsonl").read_text() == before  # the benchmark's own file is kept as written
+    (row,) = rows.read(target)
+    assert row["status"] == "out_of_memory" and "2.00 GiB" in row["error"]
+    assert (row["gpu"], row["budget"], row["measured_steps"]) == ("GPU A", "24GB", 4)
+    assert row["mfu"] == pytest.approx(20e12 * row["images_per_s"] / 1000e12)
+    with pytest.raises(UserError, match="already exists"):
+        rows.rescan(out)
