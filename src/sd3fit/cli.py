@@ -19,6 +19,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", help="folder that holds the run folders (default: $SD3FIT_RUNS_DIR or ./runs)")
     p.add_argument("--num-processes", type=int, default=1, help="processes (GPUs) for `accelerate launch`; 1 runs directly")
     p.add_argument("--dry-run", action="store_true", help="check the preset, model and dataset, print the config, train nothing")
+    p.add_argument("--skip-fit-check", action="store_true",
+                   help="train even when the GPU has less memory than this configuration's measured peak")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,7 +87,7 @@ def cmd_train(args) -> int:
 
     started = time.time()
     config, overrides = _split_config(args)
-    prepared = train.prepare(config, overrides, name=args.name, runs_dir=args.runs_dir)
+    prepared = train.prepare(config, overrides, name=args.name, runs_dir=args.runs_dir, check_fit=not args.skip_fit_check)
     if args.dry_run:
         print(json.dumps(prepared.record, indent=2))
         print(f"dry run: preset, model and dataset are fine; a run would go to {train.shown(prepared.run.dir)}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from sd3fit import datasets, hub, presets, runs, schema
+from sd3fit import datasets, fit, hub, presets, runs, schema
 
 
 @dataclass
@@ -40,14 +40,18 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def prepare(preset_arg: str | None, overrides: list[str], name: str | None = None, runs_dir: str | None = None) -> Prepared:
-    """Check preset, model and dataset; plan the run folder but create nothing (see `write`)."""
+def prepare(preset_arg: str | None, overrides: list[str], name: str | None = None, runs_dir: str | None = None,
+            check_fit: bool = True) -> Prepared:
+    """Check preset, GPU memory, model and dataset; plan the run folder but create nothing (see `write`).
+    `check_fit=False` skips refusing a GPU smaller than the configuration's measured peak."""
     preset = presets.load(preset_arg, overrides)
     if preset.uses_demo:
         from sd3fit.demo import ensure_demo_assets
 
         ensure_demo_assets(presets.demo_assets_dir())
     own, options = schema.split(preset.values)
+    if check_fit:
+        fit.check(preset.name, options, fit.gpu())
     source = hub.check_model(options["pretrained_model_name_or_path"])
     run = runs.plan(runs.runs_root(runs_dir), name, preset.name)
     dataset_dir = own.get("dataset_dir")
