@@ -138,7 +138,7 @@ def test_an_out_of_memory_error_the_trainer_caught_still_makes_the_run_out_of_me
            "allocate 512.00 MiB. GPU 0 has a total capacity of 139.80 GiB\n")
     row = rows.from_run(_run_folder(tmp_path, FINISHED, log), 0, 2, None, None)
     assert row["status"] == "out_of_memory"
-    assert "512.00 MiB" in row["error"] and "validation image" in row["error"] and "after training" in row["error"]
+    assert "512.00 MiB" in row["error"] and "validation image" in row["error"] and "went on to its last step" in row["error"]
     assert row["step_s_median"] is not None  # the steps ran; their times stay
 
 
@@ -157,21 +157,27 @@ def test_a_run_without_result_failed(tmp_path):
 
 
 # -- report ------------------------------------------------------------------------------------------------------
-def _row(preset, gpu, step, budget_label="none", model_type="lora", status="finished", reserved=10.0):
+def _row(preset, gpu, step, budget_label="none", model_type="lora", status="finished", reserved=10.0, in_steps=5.0):
     return {"preset": preset, "budget": budget_label, "budget_gib": None if budget_label == "none" else 22.35,
             "status": status, "error": None if status == "finished" else "CUDA out of memory", "model_type": model_type,
             "gpu": gpu, "model_label": "random", "resolution": 1024, "batch_size": 1, "warmup_steps": 5,
             "measured_steps": 25, "step_s_median": step, "step_s_p10": step * 0.9, "step_s_p90": step * 1.1,
-            "images_per_s": 1 / step, "mfu": 0.02, "step_peak_allocated_gib": reserved / 2,
-            "step_peak_reserved_gib": reserved / 2, "run_peak_allocated_gib": reserved - 1,
+            "images_per_s": 1 / step, "mfu": 0.02, "step_peak_allocated_gib": in_steps,
+            "step_peak_reserved_gib": in_steps + 0.5, "run_peak_allocated_gib": reserved - 1,
             "run_peak_reserved_gib": reserved, "date": "2026-11-28T00:00:00Z", "torch": "2.11.0"}
+
+
+def _cells(text: str, start: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(start))
+    return [cell.strip() for cell in line.strip("|").split("|")]
 
 
 def test_report_keeps_gpus_apart_and_compares_with_the_full_fine_tune_of_the_same_gpu(tmp_path):
     from sd3fit.report import bench
 
-    results = [_row("full", "GPU A", 2.0, model_type="full", reserved=20.0), _row("lora", "GPU A", 1.0),
-               _row("full", "GPU B", 4.0, model_type="full", reserved=20.0), _row("lora", "GPU B", 3.0, reserved=5.0),
+    results = [_row("full", "GPU A", 2.0, model_type="full", reserved=20.0, in_steps=16.0), _row("lora", "GPU A", 1.0),
+               _row("full", "GPU B", 4.0, model_type="full", reserved=20.0, in_steps=16.0),
+               _row("lora", "GPU B", 3.0, reserved=5.0, in_steps=2.0),
                _row("lora", "GPU B", 3.3, budget_label="16GB", status="out_of_memory")]
     written = bench.write(results, tmp_path / "report")
     names = sorted(p.name for p in written)
@@ -179,11 +185,12 @@ def test_report_keeps_gpus_apart_and_compares_with_the_full_fine_tune_of_the_sam
                      "step_time-gpu-b-random-1024-1.png", "summary.md"]
     text = (tmp_path / "report" / "summary.md").read_text()
     section_a, section_b = text.split("### GPU B")
-    lora_a = next(line for line in section_a.splitlines() if line.startswith("| `lora`"))
-    lora_b = next(line for line in section_b.splitlines() if line.startswith("| `lora` | none"))
-    assert "| 0.50 |" in lora_a and "| 0.75 |" in lora_b  # time vs full within each GPU
-    assert "| 0.25 |" in lora_b  # whole-run memory 5 / 20
-    assert "**out of memory**" in section_b and "under budget 16GB" in section_b
+    # the last three columns: time, in-step memory and whole-run memory as ratios to the same GPU's full fine-tune
+    assert _cells(section_a, "| `lora`")[-3:] == ["0.50", "0.31", "0.50"]  # 1/2, 5/16, 10/20
+    assert _cells(section_b, "| `lora` | none")[-3:] == ["0.75", "0.12", "0.25"]  # 3/4, 2/16, 5/20
+    oom = _cells(section_b, "| `lora` | 16GB")
+    assert oom[2] == "**out of memory**" and oom[-3:] == ["–", "–", "–"]  # no full fine-tune under 16GB
+    assert "under budget 16GB" in section_b
 
 
 # -- the benchmark, for real --------------------------------------------------------------------------------------
@@ -211,7 +218,8 @@ def test_bench_writes_a_row_per_preset_with_every_field(bench, demo_assets):
         assert 0 < row["step_s_p10"] <= row["step_s_median"] <= row["step_s_p90"]
         assert row["images_per_s"] == pytest.approx(1 / row["step_s_median"])
         assert row["model_tflop_per_image"] > 0
-        assert row["gpu"] is None and row["mfu"] is None  # a CPU: no GPU peak to compare with
+        if row["gpu"] is None:
+            assert row["mfu"] is None  # a CPU: no GPU peak to compare with
         assert row["torch"] == version("torch") and row["simpletuner"] == version("simpletuner")
         assert row["diffusers"] == version("diffusers") and row["date"].startswith("20")
         assert row["command"].startswith("sd3fit bench --presets demo full-bf16")
@@ -240,10 +248,15 @@ def test_bench_resume_runs_only_what_is_missing_and_checks_settings(bench, demo_
             "--model", str(demo_assets["model"]), "--out", str(out), "--resume"]
     proc = run_sd3fit(*args, "--steps", "3")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert tree_snapshot(out) == before  # every row was there: nothing ran, nothing changed
+    after = tree_snapshot(out)
+    # every row was there: nothing ran; only bench.json lists the call
+    assert {k: v for k, v in after.items() if k != "bench.json"} == {k: v for k, v in before.items() if k != "bench.json"}
+    record = json.loads((out / "bench.json").read_text())
+    assert ["--resume" in c["command"] for c in record["calls"]] == [False, True]
+    assert record["steps"] == 3 and record["presets"] == ["demo", "full-bf16"]
     line = one_line_error(run_sd3fit(*args, "--steps", "5"))
     assert "steps=3" in line and "--resume" in line
-    assert tree_snapshot(out) == before
+    assert tree_snapshot(out) == after
 
 
 def test_report_draws_the_figures_from_the_results(bench, tmp_path):
@@ -264,6 +277,9 @@ def test_bench_bad_input(tmp_path, demo_assets):
     assert "preset not found" in one_line_error(run_sd3fit("bench", "--presets", "nope", "--out", str(out)))
     assert "--resolution" in one_line_error(run_sd3fit("bench", "--presets", "demo", "--resolution", "1000", "--out", str(out)))
     assert "--resume needs --out" in one_line_error(run_sd3fit("bench", "--presets", "demo", "--resume"))
+    assert "same preset twice" in one_line_error(run_sd3fit("bench", "--presets", "demo", "demo", "--out", str(out)))
+    assert "same budget twice" in one_line_error(
+        run_sd3fit("bench", "--presets", "demo", "--gpu-budget", "24GB", "24000MB", "--out", str(out)))
     assert not out.exists()
     out.mkdir()
     (out / "keep.txt").write_text("earlier results")
@@ -288,3 +304,12 @@ def test_rescan_recomputes_rows_from_run_folders_into_a_new_file(tmp_path):
     assert row["mfu"] == pytest.approx(20e12 * row["images_per_s"] / 1000e12)
     with pytest.raises(UserError, match="already exists"):
         rows.rescan(out)
+
+
+def test_a_results_line_cut_short_by_a_kill_is_left_out_and_other_damage_is_an_error(tmp_path):
+    good = json.dumps({"preset": "a", "status": "finished"})
+    (tmp_path / "results.jsonl").write_text(good + "\n" + '{"preset": "b", "sta')
+    assert [r["preset"] for r in rows.read(tmp_path)] == ["a"]
+    (tmp_path / "results.jsonl").write_text('{"preset": "b", "sta\n' + good + "\n")
+    with pytest.raises(UserError, match="line 1 is not JSON"):
+        rows.read(tmp_path)

@@ -54,15 +54,30 @@ def test_no_gpu_no_check():
     fit.check("full-bf16", options("full-bf16"), None)
 
 
-@pytest.fixture
-def fake_l4(tmp_path):
-    """An nvidia-smi on PATH that reports one L4, as the real one answers sd3fit's query."""
-    bin_dir = tmp_path / "bin"
+def fake_nvidia_smi(folder, *lines: str) -> dict:
+    """An nvidia-smi on PATH that answers sd3fit's query with `lines`; returns the environment to use it."""
+    bin_dir = folder / "bin"
     bin_dir.mkdir()
     script = bin_dir / "nvidia-smi"
-    script.write_text("#!/bin/sh\necho 'NVIDIA L4, 23034'\n")
+    script.write_text("#!/bin/sh\n" + "".join(f"echo '{line}'\n" for line in lines))
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.fixture
+def fake_l4(tmp_path):
+    return fake_nvidia_smi(tmp_path, "NVIDIA L4, 23034")
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (["NVIDIA L4, 23034"], ("NVIDIA L4", 23034 / 1024)),
+    (["NVIDIA L4, 23034", "NVIDIA H100 80GB HBM3, 81559"], ("NVIDIA H100 80GB HBM3", 81559 / 1024)),
+    (["NVIDIA GH200, [N/A]"], None),
+])
+def test_gpu_memory_from_nvidia_smi(tmp_path, monkeypatch, lines, expected):
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, *lines)["PATH"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert fit.gpu() == expected
 
 
 def test_train_refuses_before_anything_is_written(fake_l4, tmp_path):

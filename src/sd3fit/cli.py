@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="train each preset for a few steps and record time and memory per preset")
     p.add_argument("--presets", nargs="+", metavar="PRESET", help="presets to run (default: every preset in config/ but the demo)")
-    p.add_argument("--steps", type=int, default=30, help="measured steps after warm-up (default 30)")
+    p.add_argument("--steps", type=int, default=25, help="measured steps after warm-up (default 25)")
     p.add_argument("--warmup-steps", type=int, default=5, help="steps before measuring starts (default 5)")
     p.add_argument("--resolution", type=int, default=1024, help="training resolution in px: 1024 or 512 (default 1024)")
     p.add_argument("--gpu-budget", nargs="+", default=["none"], metavar="SIZE",

@@ -56,17 +56,23 @@ def measured_need(options: dict, reference: Path = REFERENCE) -> tuple[float, st
 
 
 def gpu() -> tuple[str, float] | None:
-    """Name and total memory (GiB) of the GPU training will use, from nvidia-smi (no CUDA context is created)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+    """Name and total memory (GiB) of the visible GPU with the most memory, from nvidia-smi (no CUDA context is
+    created). The largest: nvidia-smi's numbering may differ from CUDA's, and a refusal must never be wrong."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    select = ["-i", visible] if visible and all(part.strip().isdigit() for part in visible.split(",")) else []
     try:
-        out = subprocess.run(["nvidia-smi", "-i", visible, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+        out = subprocess.run(["nvidia-smi", *select, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0 or not out.stdout.strip():
-        return None
-    name, mib = out.stdout.strip().splitlines()[0].rsplit(",", 1)
-    return name.strip(), float(mib) / 1024
+    found = []
+    for line in out.stdout.strip().splitlines() if out.returncode == 0 else []:
+        name, _, mib = line.rpartition(",")
+        try:
+            found.append((name.strip(), float(mib) / 1024))
+        except ValueError:  # "[N/A]" on some shared-memory and MIG systems: no verdict
+            return None
+    return max(found, key=lambda item: item[1]) if found else None
 
 
 def check(preset_name: str, options: dict, device: tuple[str, float] | None) -> None:

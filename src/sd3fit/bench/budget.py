@@ -1,7 +1,10 @@
-"""GPU memory budgets: `24GB` (decimal, as cards are sold), `22.5GiB`, `16000MiB`, or `none` for no cap.
+"""GPU memory budgets: `24GB` (decimal, as cards are sold: 24e9 bytes = 22.35 GiB), `22.5GiB`, `16000MiB`, or
+`none` for no cap.
 
-A card sold as "24 GB" holds 24e9 bytes = 22.35 GiB (an NVIDIA L4 shows 23,034 MiB = 22.49 GiB), so `24GB` is a
-slightly stricter stand-in for an L4 than `24GiB` would be.
+A budget caps PyTorch's caching allocator only. The process also holds device memory outside it (CUDA context,
+libraries: 0.75 GiB measured on an H200), which a real card must hold too, so a run that only just fits under a
+budget can still fail on a card of that size; rows give `run_peak_device_gib` (allocator peak plus that memory)
+where it was measured.
 """
 
 from __future__ import annotations

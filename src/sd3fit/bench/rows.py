@@ -62,11 +62,11 @@ def _status(result: dict | None, log: Path, exit_code: int) -> tuple[str, str | 
     memory = (result.get("measure") or {}).get("memory") or {}
     oom = _oom_in_log(log)
     if result.get("out_of_memory") or memory.get("ooms") or oom:
-        stage = "after training finished" if result.get("status") == "finished" else "run stopped"
+        stage = "the trainer caught it; the run went on to its last step" if result.get("status") == "finished" else "the run stopped"
         return "out_of_memory", f"{oom or result.get('error') or 'out of memory'} ({stage})"
     if result.get("status") == "finished" and exit_code == 0:
         return "finished", None
-    error = result.get("error") or f"the trainer exited with status {exit_code} and wrote no result"
+    error = result.get("error") or f"the trainer exited with status {exit_code}" + ("" if result else " and wrote no result")
     return "failed", error.splitlines()[0]
 
 
@@ -123,11 +123,16 @@ def append(out: Path, row: dict) -> None:
     row = {key: row.get(key) for key in FIELDS}
     with (out / RESULTS).open("a") as f:
         f.write(json.dumps(row) + "\n")
-    rows = read(out / RESULTS)
-    with (out / CSV).open("w", newline="") as f:
+    _write_csv(out / CSV, read(out / RESULTS))
+
+
+def _write_csv(path: Path, found: list[dict]) -> None:
+    partial = path.with_name(path.name + ".partial")  # renamed into place: an interrupt never leaves half a table
+    with partial.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(FIELDS))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(found)
+    partial.replace(path)
 
 
 def read(path: Path) -> list[dict]:
@@ -138,12 +143,15 @@ def read(path: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{path} not found; give a benchmark's results.jsonl or its folder")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
+            if n == len(lines) and not path.read_text().endswith("\n"):
+                break  # cut short by a killed benchmark: that run has no row and --resume runs it again
             raise UserError(f"{path} line {n} is not JSON; the file was changed or damaged") from None
         if not isinstance(row, dict) or "preset" not in row or "status" not in row:
             raise UserError(f"{path} line {n} is not a benchmark row (needs preset and status)")
@@ -170,10 +178,7 @@ def rescan(out: Path) -> Path:
         fresh = from_run(run, code, row["warmup_steps"], flops, row.get("peak_tflops"))
         written.append({key: fresh.get(key, row.get(key)) for key in FIELDS})
     target.write_text("".join(json.dumps(r) + "\n" for r in written))
-    with target.with_suffix(".csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(FIELDS))
-        writer.writeheader()
-        writer.writerows(written)
+    _write_csv(target.with_suffix(".csv"), written)
     return target
 
 

@@ -133,8 +133,10 @@ def _free_name(root: Path, name: str) -> str:
 
 def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
     caps = [budgets.parse(b) for b in settings.budgets]
-    if len({c.label for c in caps}) != len(caps):
+    if len({c.gib for c in caps}) != len(caps) or len({c.slug for c in caps}) != len(caps):
         raise UserError("--gpu-budget lists the same budget twice")
+    if len(set(settings.presets)) != len(settings.presets):
+        raise UserError("--presets lists the same preset twice")
     if settings.steps < 1 or settings.warmup_steps < 0:
         raise UserError("--steps must be 1 or more and --warmup-steps 0 or more")
     if settings.resolution % 64 or not 128 <= settings.resolution <= 2048:
@@ -143,6 +145,11 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
     done = _check_resume(out, settings) if resume else (require_free_folder(out, "--out") or set())
 
     facts = _in_child("from sd3fit.bench import machine; print(json.dumps(machine.describe()))")
+    if resume and (out / SETTINGS).is_file():
+        first_gpu = json.loads((out / SETTINGS).read_text()).get("gpu", facts["gpu"])
+        if first_gpu != facts["gpu"]:
+            raise UserError(f"{out} holds a benchmark made on {first_gpu or 'a CPU'}, and this machine has "
+                            f"{facts['gpu'] or 'no GPU'}; numbers from two GPUs never share a benchmark: use a new --out")
     if any(c.gib is not None for c in caps) and not facts["gpu"]:
         raise UserError("--gpu-budget caps GPU memory and needs a CUDA GPU; this machine has none (use --gpu-budget none)")
     peak = settings.peak_tflops or flops.peak_tflops(facts["gpu"])
@@ -162,30 +169,42 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
             # no fit check: finding out what fits is the benchmark's job
             plan.append((name, cap, train.prepare(name, extra, name=run_name, runs_dir=str(out / "runs"), check_fit=False)))
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / SETTINGS).is_file():  # a resumed benchmark keeps its first settings record
-        (out / SETTINGS).write_text(json.dumps({**asdict(settings), "model_label": label}, indent=2) + "\n")
+    record = json.loads((out / SETTINGS).read_text()) if (out / SETTINGS).is_file() else {
+        **asdict(settings), "model_label": label, "gpu": facts["gpu"], "calls": []}
+    # the first call's settings stay; every call (a resumed one may add presets or budgets) is listed
+    record.setdefault("calls", []).append({"date": facts["date"], "command": command})
+    (out / SETTINGS).write_text(json.dumps(record, indent=2) + "\n")
     config = flops.transformer_config(model)
     counted: dict[str, float | None] = {}
-    interrupted = []
+    interrupted: list = []
+    training = [False]
 
     def stop(signum, frame):
         interrupted.append(signum)
-        raise KeyboardInterrupt
+        if training[0]:
+            raise KeyboardInterrupt  # train.launch terminates the trainer
+        # between runs: finish writing the current row, then stop (a row is never cut in half)
 
-    # Ctrl-C, `timeout` and schedulers: stop the running trainer (train.launch terminates it), keep earlier rows
+    # Ctrl-C, `timeout` and schedulers: stop the running trainer, keep the rows written so far
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     failed = 0
     for n, (name, cap, prepared) in enumerate(plan, 1):
+        if interrupted:
+            break
         run_dir = prepared.run.dir
         train.write(prepared)
         print(f"[{n}/{len(plan)}] {name}, GPU budget {cap.label}: training in {train.shown(run_dir)}", flush=True)
-        env = {"SD3FIT_GPU_BUDGET_GIB": str(cap.gib)} if cap.gib is not None else {}
+        # an empty value means no cap, also when the user's environment sets one
+        env = {"SD3FIT_GPU_BUDGET_GIB": "" if cap.gib is None else str(cap.gib)}
         started = time.time()
+        training[0] = True
         try:
             code = train.launch(prepared, env=env, echo=False)
         except KeyboardInterrupt:
             interrupted.append("interrupt")
+        finally:
+            training[0] = False
         if interrupted:
             print(f"sd3fit bench: interrupted during {name}; rows so far are in {out / rows.RESULTS} "
                   "(run again with --resume to go on)", file=sys.stderr)
@@ -205,6 +224,10 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
         print("    " + summary_line(row), flush=True)
         if not settings.keep_weights and prepared.run.output.is_dir():
             shutil.rmtree(prepared.run.output)  # trained weights of a benchmark: gigabytes, and not what it measures
+    if interrupted:
+        print(f"sd3fit bench: interrupted; rows so far are in {out / rows.RESULTS} (run again with --resume to go on)",
+              file=sys.stderr)
+        return 130
     print(f"results: {train.shown(out / rows.RESULTS)}, {train.shown(out / rows.CSV)}; figures: sd3fit report {train.shown(out)}")
     return 1 if failed else 0
 

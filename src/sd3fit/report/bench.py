@@ -22,7 +22,9 @@ COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
 
 
 def group_key(row: dict) -> tuple:
-    return (row.get("gpu") or "CPU", row.get("model_label") or row.get("model"), row.get("resolution"), row.get("batch_size"))
+    """What must be equal for two rows to be compared: GPU model, model, resolution, batch, warm-up, versions."""
+    return (row.get("gpu") or "CPU", row.get("model_label") or row.get("model"), row.get("resolution"),
+            row.get("batch_size"), row.get("warmup_steps"), row.get("torch"), row.get("simpletuner"))
 
 
 def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -62,14 +64,14 @@ def _f(value, spec: str = ".2f") -> str:
 
 
 def title(key: tuple) -> str:
-    gpu, model, resolution, batch = key
+    gpu, model, resolution, batch = key[:4]
     return f"{gpu} — {model}, {resolution} px, batch {batch}"
 
 
 def markdown(rows: list[dict]) -> str:
     parts = []
     for key, group in groups(rows).items():
-        first = group[0]
+        first = next((r for r in group if r.get("measured_steps")), group[0])  # a row that trained: its step count
         dates = sorted(r["date"][:10] for r in group if r.get("date"))
         parts.append(f"### {title(key)}\n")
         parts.append(f"GPU memory {_f(first.get('gpu_memory_gib'), '.1f')} GiB, driver {first.get('driver') or '–'}, "
@@ -113,7 +115,7 @@ def step_time(group: list[dict], heading: str):
     budgets = _ordered(r["budget"] for r in group)
     width = 0.8 / len(budgets)
     labelled: set[str] = set()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(presets) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(presets) + 2), 5.0))
     for i, budget in enumerate(budgets):
         for j, preset in enumerate(presets):
             row = next((r for r in group if r["preset"] == preset and r["budget"] == budget), None)
@@ -126,16 +128,20 @@ def step_time(group: list[dict], heading: str):
                 continue
             median = row["step_s_median"]
             err = [[median - row["step_s_p10"]], [row["step_s_p90"] - median]]
+            failed_later = row["status"] != "finished"
             bar = ax.bar(x, median, width, color=COLORS[i % len(COLORS)], yerr=err, capsize=3,
-                         hatch="//" if row["status"] != "finished" else None,
-                         label=None if budget in labelled else f"GPU budget {budget}")
-            labelled.add(budget)
+                         hatch="//" if failed_later else None,
+                         label=None if budget in labelled or failed_later else f"GPU budget {budget}")
+            if not failed_later:
+                labelled.add(budget)
             ax.bar_label(bar, labels=[f"{median:.2f}" + ("\nOOM later" if row["status"] == "out_of_memory" else "")],
                          fontsize=8, padding=2)
+    if any(r["status"] != "finished" and r.get("step_s_median") is not None for r in group):
+        ax.bar(0, 0, 0, color="white", edgecolor="black", hatch="//", label="hatched: trained, then ran out of memory")
     ax.set_xticks(range(len(presets)), presets, rotation=15)
     ax.set_ylabel("median training step (s), whiskers p10–p90")
     ax.set_title(f"Time per training step\n{heading}", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -149,14 +155,17 @@ def peak_memory(group: list[dict], heading: str):
     width = 0.38
     top = 0.0
     for i, (key, label) in enumerate(series):
-        xs, values = [], []
+        xs, values, hatches = [], [], []
         for j, preset in enumerate(presets):
             row = next((r for r in group if r["preset"] == preset and r["budget"] == measured_under), None)
             if row and row.get(key) is not None:
                 xs.append(j + (i - 0.5) * width)
                 values.append(row[key])
+                hatches.append("//" if row["status"] != "finished" else "")  # a peak cut short by the error
         if values:
             bars = ax.bar(xs, values, width, color=COLORS[i], label=label)
+            for bar, hatch in zip(bars, hatches):
+                bar.set_hatch(hatch)
             ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
             top = max(top, max(values))
     for gb in CARD_SIZES_GB:
@@ -183,8 +192,13 @@ def write(rows: list[dict], out: Path) -> list[Path]:
     written = [out / "summary.md"]
     (out / "summary.md").write_text(markdown(rows))
     found = groups(rows)
+    used: set[str] = set()
     for key, group in found.items():
-        suffix = "" if len(found) == 1 else f"-{_slug(' '.join(str(k) for k in key))}"
+        suffix = "" if len(found) == 1 else f"-{_slug(' '.join(str(k) for k in key[:4]))}"
+        base, n = suffix, 2
+        while suffix in used:  # groups that differ only in warm-up or versions
+            suffix, n = f"{base}-{n}", n + 1
+        used.add(suffix)
         for name, draw in (("step_time", step_time), ("peak_memory", peak_memory)):
             if name == "peak_memory" and all(r.get("run_peak_reserved_gib") is None and r.get("step_peak_allocated_gib") is None for r in group):
                 continue  # a CPU benchmark has no GPU memory to draw
