@@ -97,3 +97,15 @@ def test_recorded_paths_leave_the_machine_out(tmp_path):
     assert portable(CONFIG_DIR / "demo.json") == "config/demo.json"
     assert portable(Path.home() / "models" / "sd3") == "~/models/sd3"
     assert portable(tmp_path) == str(tmp_path.resolve())
+
+
+def test_recorded_overrides_leave_the_machine_out():
+    from pathlib import Path
+
+    from sd3fit.presets import CONFIG_DIR, portable_override
+
+    assert portable_override(f"data_backend_config={CONFIG_DIR / 'datasets' / 'image-folder.json'}") == \
+        "data_backend_config=config/datasets/image-folder.json"
+    assert portable_override(f"dataset_dir={Path.home() / 'images'}") == "dataset_dir=~/images"
+    assert portable_override("lora_rank=8") == "lora_rank=8"
+    assert portable_override("validation_prompt=a/b") == "validation_prompt=a/b"

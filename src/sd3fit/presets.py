@@ -38,6 +38,12 @@ def portable(path: Path | str) -> str:
     return str(path)
 
 
+def portable_override(text: str) -> str:
+    """An override `key=value` for records: an absolute path value shown as `portable` shows it."""
+    key, sep, raw = text.partition("=")
+    return f"{key}={portable(raw)}" if sep and raw.startswith(("/", "~")) else text
+
+
 def demo_assets_dir() -> Path:
     root = os.environ.get("SD3FIT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd3fit"
     return Path(root) / "demo-v1"

@@ -63,7 +63,7 @@ def prepare(preset_arg: str | None, overrides: list[str], name: str | None = Non
     options = {**options, "output_dir": str(run.output), "data_backend_config": str(run.datasets)}
     record = {
         "preset": presets.portable(preset.path),
-        "overrides": preset.overrides,
+        "overrides": [presets.portable_override(o) for o in preset.overrides],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model_source": source,
         "images": images,
