@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 from sd3fit import sd3_medium
+from sd3fit.bench.machine import nvidia_smi
 from sd3fit.errors import UserError
 from sd3fit.presets import PROJECT_DIR, portable
 
@@ -56,20 +56,13 @@ def measured_need(options: dict, reference: Path = REFERENCE) -> tuple[float, st
 
 
 def gpu() -> tuple[str, float] | None:
-    """Name and total memory (GiB) of the visible GPU with the most memory, from nvidia-smi (no CUDA context is
-    created). The largest: nvidia-smi's numbering may differ from CUDA's, and a refusal must never be wrong."""
+    """Name and total memory (GiB) of the visible GPU with the most memory, from nvidia-smi. The largest: nvidia-smi's numbering may differ from CUDA's, and a refusal must never be wrong."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
     select = ["-i", visible] if visible and all(part.strip().isdigit() for part in visible.split(",")) else []
-    try:
-        out = subprocess.run(["nvidia-smi", *select, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
     found = []
-    for line in out.stdout.strip().splitlines() if out.returncode == 0 else []:
-        name, _, mib = line.rpartition(",")
+    for *name, mib in nvidia_smi("name,memory.total", select) or []:
         try:
-            found.append((name.strip(), float(mib) / 1024))
+            found.append((",".join(name), float(mib) / 1024))
         except ValueError:  # "[N/A]" on some shared-memory and MIG systems: no verdict
             return None
     return max(found, key=lambda item: item[1]) if found else None

@@ -30,7 +30,8 @@ class Prepared:
     backends: list[dict]  # what multidatabackend.json holds
 
 
-def _versions() -> dict[str, str | None]:
+def versions() -> dict[str, str | None]:
+    """Python's and the training stack's versions, as records name them."""
     out = {"python": sys.version.split()[0]}
     for pkg in ("sd3fit", "simpletuner", "torch", "diffusers", "transformers", "peft", "accelerate", "optimum-quanto"):
         try:
@@ -67,7 +68,7 @@ def prepare(preset_arg: str | None, overrides: list[str], name: str | None = Non
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model_source": source,
         "images": images,
-        "versions": _versions(),
+        "versions": versions(),
         "sd3fit": own,
         "simpletuner": options,
     }

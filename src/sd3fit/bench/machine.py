@@ -6,19 +6,18 @@ from __future__ import annotations
 import platform
 import subprocess
 import time
-from importlib.metadata import PackageNotFoundError, version
 
-PACKAGES = ("sd3fit", "simpletuner", "torch", "diffusers", "transformers", "peft", "accelerate", "optimum-quanto")
-
-
-def _driver() -> str | None:
+def nvidia_smi(fields: str, select: list[str] = ()) -> list[list[str]] | None:
+    """nvidia-smi's answer to `--query-gpu=fields`, one list of values per GPU; None without a working nvidia-smi.
+    It needs no CUDA context, so asking costs the GPU nothing."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+        out = subprocess.run(["nvidia-smi", *select, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    lines = out.stdout.strip().splitlines()
-    return lines[0].strip() if out.returncode == 0 and lines else None
+    if out.returncode != 0:
+        return None
+    return [[value.strip() for value in line.split(",")] for line in out.stdout.strip().splitlines() if line.strip()]
 
 
 def _cpu() -> str:
@@ -37,17 +36,15 @@ def describe() -> dict:
     facts: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        facts.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 1024**3, 2), driver=_driver(),
-                     cuda=torch.version.cuda)
+        answer = nvidia_smi("driver_version")
+        facts.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 1024**3, 2),
+                     driver=answer[0][0] if answer else None, cuda=torch.version.cuda)
     else:
         facts.update(gpu=None, gpu_memory_gib=None, driver=None, cuda=None)
     facts["cpu"] = _cpu()
-    facts["python"] = platform.python_version()
-    for pkg in PACKAGES:
-        try:
-            facts[pkg.replace("-", "_")] = version(pkg)
-        except PackageNotFoundError:
-            facts[pkg.replace("-", "_")] = None
+    from sd3fit.train import versions  # here, not at the top: training's modules import this one
+
+    facts.update({name.replace("-", "_"): value for name, value in versions().items()})
     if facts["sd3fit"] is None:  # run from a source tree without installing
         import sd3fit
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from sd3fit.errors import UserError
+from sd3fit.report.summary import largest, values
 from sd3fit.runs import Run
 
 RESULTS = "results.jsonl"
@@ -36,10 +37,6 @@ FIELDS = (
 )
 
 _OOM = re.compile(r"CUDA out of memory\. (Tried to allocate [0-9.]+ [KMG]iB)")
-
-
-def _numbers(rows: list[dict], key: str) -> list[float]:
-    return [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
 
 
 def _oom_in_log(log: Path) -> str | None:
@@ -78,14 +75,13 @@ def from_run(run: Run, exit_code: int, warmup_steps: int, flops_per_image: float
     result = result or {}
     metrics = [r for r in run.read_metrics() if "time/step_s" in r]
     measured = [r for r in metrics if r["step"] > warmup_steps]
-    times = _numbers(measured, "time/step_s")
+    times = values(measured, "time/step_s")
     batch = int(options.get("train_batch_size") or 1)
     median = float(np.median(times)) if times else None
     intervals = [b["time"] - a["time"] for a, b in zip(metrics, metrics[1:]) if b["step"] > warmup_steps]
     images_per_s = batch / median if median else None
     memory = (result.get("measure") or {}).get("memory") or {}
     facts = result.get("transformer") or {}
-    peaks = lambda key: max(_numbers(metrics, key)) if _numbers(metrics, key) else None  # noqa: E731
     return {
         "status": status,
         "error": error,
@@ -105,14 +101,14 @@ def from_run(run: Run, exit_code: int, warmup_steps: int, flops_per_image: float
         "model_tflop_per_image": flops_per_image / 1e12 if flops_per_image else None,
         "peak_tflops": peak,
         "mfu": (flops_per_image * images_per_s / (peak * 1e12)) if (flops_per_image and images_per_s and peak) else None,
-        "step_peak_allocated_gib": peaks("mem/peak_allocated_gib"),
-        "step_peak_reserved_gib": peaks("mem/peak_reserved_gib"),
+        "step_peak_allocated_gib": largest(metrics, "mem/peak_allocated_gib"),
+        "step_peak_reserved_gib": largest(metrics, "mem/peak_reserved_gib"),
         "run_peak_allocated_gib": memory.get("peak_allocated_gib"),
         "run_peak_reserved_gib": memory.get("peak_reserved_gib"),
         "outside_allocator_gib": memory.get("outside_allocator_gib"),
         "run_peak_device_gib": (memory["peak_reserved_gib"] + memory["outside_allocator_gib"])
         if memory.get("peak_reserved_gib") is not None and memory.get("outside_allocator_gib") is not None else None,
-        "alloc_retries": (_numbers(metrics, "mem/alloc_retries") or [None])[-1],
+        "alloc_retries": (values(metrics, "mem/alloc_retries") or [None])[-1],
         "parameters": facts.get("parameters"),
         "trainable_parameters": facts.get("trainable_parameters"),
         "quantized_modules": facts.get("quantized_modules"),
@@ -143,14 +139,15 @@ def read(path: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{path} not found; give a benchmark's results.jsonl or its folder")
     rows = []
-    lines = path.read_text().splitlines()
+    text = path.read_text()
+    lines = text.splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            if n == len(lines) and not path.read_text().endswith("\n"):
+            if n == len(lines) and not text.endswith("\n"):
                 break  # cut short by a killed benchmark: that run has no row and --resume runs it again
             raise UserError(f"{path} line {n} is not JSON; the file was changed or damaged") from None
         if not isinstance(row, dict) or "preset" not in row or "status" not in row:

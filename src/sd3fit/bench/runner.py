@@ -21,9 +21,9 @@ from pathlib import Path
 
 from sd3fit import hub, presets, sd3_medium, train
 from sd3fit.bench import budget as budgets
-from sd3fit.bench import flops, machine, rows
+from sd3fit.bench import flops, rows
 from sd3fit.errors import UserError
-from sd3fit.runs import Run, require_free_folder
+from sd3fit.runs import require_free_folder
 
 DATASET_IMAGES = 16
 DATASET_SIZE = 1024

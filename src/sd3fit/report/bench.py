@@ -7,7 +7,6 @@ Ratios compare a preset with the full fine-tune of the same group under the same
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sd3fit.bench.budget import CARD_SIZES_GB, GIB  # noqa: E402
+from sd3fit.report.write import slug  # noqa: E402
 
 STATUS = {"finished": "ran", "out_of_memory": "**out of memory**", "failed": "failed"}
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
@@ -106,10 +106,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-
-
 def step_time(group: list[dict], heading: str):
     presets = _ordered(r["preset"] for r in group)
     budgets = _ordered(r["budget"] for r in group)
@@ -194,7 +190,7 @@ def write(rows: list[dict], out: Path) -> list[Path]:
     found = groups(rows)
     used: set[str] = set()
     for key, group in found.items():
-        suffix = "" if len(found) == 1 else f"-{_slug(' '.join(str(k) for k in key[:4]))}"
+        suffix = "" if len(found) == 1 else f"-{slug(' '.join(str(k) for k in key[:4]))}"
         base, n = suffix, 2
         while suffix in used:  # groups that differ only in warm-up or versions
             suffix, n = f"{base}-{n}", n + 1

@@ -77,8 +77,14 @@ def device_label(result: dict) -> str:
     return f"{device}, capped at {budget:g} GiB" if budget else device
 
 
-def _values(rows: list[dict], key: str) -> list[float]:
+def values(rows: list[dict], key: str) -> list[float]:
+    """The numbers under `key` in metrics rows (rows without it, or with null, are skipped)."""
     return [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+
+
+def largest(rows: list[dict], key: str) -> float | None:
+    found = values(rows, key)
+    return max(found) if found else None
 
 
 def summarize(run_dir: Path) -> RunSummary:
@@ -90,7 +96,7 @@ def summarize(run_dir: Path) -> RunSummary:
     steady_all = rows[1:] if len(rows) > 1 else rows
     steady = [r for r in steady_all if not r.get("profiler/active")]
     profiled = [r for r in steady_all if r.get("profiler/active")]
-    step_times = _values(steady, "time/step_s")
+    step_times = values(steady, "time/step_s")
     plain_intervals = [dt for r, dt in intervals if not r.get("profiler/active")]
     profiled_intervals = [dt for r, dt in intervals if r.get("profiler/active")]
     median = lambda xs: float(np.median(xs)) if xs else None  # noqa: E731
@@ -102,9 +108,8 @@ def summarize(run_dir: Path) -> RunSummary:
     shares = {}
     if total > 0:
         for name in RANGES:
-            shares[name] = sum(_values(steady, f"time/{name}_s")) / total
-    throughput = _values(steady, "throughput/samples_per_s")
-    peak = lambda key: max(_values(rows, key)) if _values(rows, key) else None  # noqa: E731
+            shares[name] = sum(values(steady, f"time/{name}_s")) / total
+    throughput = values(steady, "throughput/samples_per_s")
     run_memory = (result.get("measure") or {}).get("memory") or {}
     median_step = median(step_times)
     return RunSummary(
@@ -116,12 +121,12 @@ def summarize(run_dir: Path) -> RunSummary:
         median_profiled_interval_s=median(profiled_intervals),
         median_step_s=median_step,
         p90_step_s=float(np.percentile(step_times, 90)) if step_times else None,
-        median_profiled_step_s=median(_values(profiled, "time/step_s")),
+        median_profiled_step_s=median(values(profiled, "time/step_s")),
         epoch_s=median_step * steps_per_epoch if median_step is not None else None,
         samples_per_s=median(throughput),
-        peak_allocated_gib=peak("mem/peak_allocated_gib"),
-        peak_reserved_gib=peak("mem/peak_reserved_gib"),
-        peak_rss_gib=run_memory.get("peak_rss_gib", peak("mem/peak_rss_gib")),
+        peak_allocated_gib=largest(rows, "mem/peak_allocated_gib"),
+        peak_reserved_gib=largest(rows, "mem/peak_reserved_gib"),
+        peak_rss_gib=run_memory.get("peak_rss_gib", largest(rows, "mem/peak_rss_gib")),
         run_peak_allocated_gib=run_memory.get("peak_allocated_gib"),
         run_peak_reserved_gib=run_memory.get("peak_reserved_gib"),
         range_share=shares,

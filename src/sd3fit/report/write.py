@@ -37,7 +37,7 @@ def markdown(runs: list[RunSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
@@ -59,7 +59,7 @@ def write(runs: list[RunSummary], out: Path) -> list[Path]:
     devices = sorted({r.device for r in runs})
     for device in devices:
         group = [r for r in runs if r.device == device]
-        suffix = "" if len(devices) == 1 else f"-{_slug(device)}"
+        suffix = "" if len(devices) == 1 else f"-{slug(device)}"
         for name, draw in (("runtime_per_epoch", figures.runtime_per_epoch), ("peak_memory", figures.peak_memory)):
             path = out / f"{name}{suffix}.png"
             figures.save(draw(group, device), path)
