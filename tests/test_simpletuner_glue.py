@@ -12,7 +12,7 @@ from sd3fit import schema
 from sd3fit.errors import UserError
 from sd3fit.simpletuner import compat, launcher
 from sd3fit.measure.sink import MetricsSink
-from sd3fit.simpletuner.patches import cpu_pin_memory, metrics_log, step_measure
+from sd3fit.simpletuner.patches import cpu_pin_memory, gradient_release, metrics_log, step_measure
 
 
 def test_version_gate_names_both_versions(monkeypatch):
@@ -29,6 +29,8 @@ def test_every_patch_refuses_another_version(monkeypatch):
         metrics_log.apply(object(), "unused")
     with pytest.raises(UserError):
         step_measure.check(object)
+    with pytest.raises(UserError):
+        gradient_release.check(object)
 
 
 def test_launcher_stops_with_one_line_on_a_version_mismatch(monkeypatch, tmp_path, capsys):
@@ -111,3 +113,39 @@ def test_step_measure_refuses_a_trainer_without_its_seams():
 
     with pytest.raises(RuntimeError, match="lacks _write_train_stage_breadcrumb"):
         step_measure.check(Moved)
+
+
+def test_gradient_release_refuses_a_trainer_without_its_seams():
+    class Moved:
+        def train(self):
+            pass
+
+        def init_optimizer(self):
+            pass
+
+    with pytest.raises(RuntimeError, match="lacks _max_grad_value"):
+        gradient_release.check(Moved)
+
+
+def test_gradient_release_checks_the_training_loop_it_relies_on():
+    from simpletuner.helpers.training.trainer import Trainer
+
+    gradient_release.check(Trainer)  # the pinned release has every seam
+
+    class Rewritten(Trainer):
+        def train(self):  # a loop without upstream's gradient-release branch
+            self.optimizer.step()
+
+    with pytest.raises(RuntimeError, match="gradient-release branch"):
+        gradient_release.check(Rewritten)
+
+
+@pytest.mark.parametrize("config, expected", [
+    (dict(max_grad_norm=2.0, optimizer="ao-adamw8bit"), 2.0),
+    (dict(max_grad_norm=0.0, optimizer="ao-adamw8bit"), None),
+    (dict(max_grad_norm=2.0, optimizer="optimi-stableadamw"), None),  # upstream does not clip it either
+])
+def test_released_gradients_are_clipped_as_upstream_would(config, expected):
+    from types import SimpleNamespace
+
+    assert gradient_release.clip_value(SimpleNamespace(**config)) == expected

@@ -23,9 +23,9 @@ from sd3fit.errors import UserError
 from sd3fit.measure import settings as measure_settings
 from sd3fit.runs import Run
 from sd3fit.simpletuner import compat
-from sd3fit.simpletuner.patches import cpu_pin_memory, metrics_log, step_measure
+from sd3fit.simpletuner.patches import cpu_pin_memory, gradient_release, metrics_log, step_measure
 
-CHECKED_AGAINST = "4.10.1"
+CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 
 
 def _is_main_process() -> bool:
@@ -36,9 +36,11 @@ def _make_trainer(options: dict, measurement):
     from simpletuner.helpers.training.trainer import Trainer
 
     step_measure.check(Trainer)
+    gradient_release.check(Trainer)
 
-    class SD3FitTrainer(step_measure.MeasuredTrainer, Trainer):
-        """SimpleTuner's Trainer with sd3fit's per-run metrics, ranges and profiler."""
+    class SD3FitTrainer(step_measure.MeasuredTrainer, gradient_release.ReleasingTrainer, Trainer):
+        """SimpleTuner's Trainer with sd3fit's per-run metrics, ranges and profiler, and gradient release that
+        works with every optimizer."""
 
         sd3fit_measurement = measurement
 

@@ -13,7 +13,7 @@ import torch
 
 from sd3fit.simpletuner import compat
 
-CHECKED_AGAINST = "4.10.1"
+CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 
 
 def _no_pin(self, *args, **kwargs):

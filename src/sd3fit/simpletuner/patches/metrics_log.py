@@ -20,7 +20,7 @@ import logging
 
 from sd3fit.simpletuner import compat
 
-CHECKED_AGAINST = "4.10.1"
+CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 logger = logging.getLogger(__name__)
 _MARK = "_sd3fit_metrics_log"
 

@@ -22,7 +22,7 @@ import functools
 
 from sd3fit.simpletuner import compat
 
-CHECKED_AGAINST = "4.10.1"
+CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 _UPSTREAM_METHODS = ("_write_train_stage_breadcrumb", "prepare_batch", "_compute_model_prediction_loss", "model_predict", "_create_torch_profiler", "train")
 
 

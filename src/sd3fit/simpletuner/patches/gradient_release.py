@@ -1,0 +1,90 @@
+"""Gradient release (`optimizer_release_gradients=true`) for every optimizer, with gradient clipping that works.
+
+Upstream (simpletuner 4.10.1): `optimizer_release_gradients` passes `gradient_release=True` to torch-optimi's
+optimizers and registers optimi's hooks (`Trainer.init_optimizer`); the training loop then skips
+`optimizer.step()`. Two things go wrong:
+- the loop still clips gradients after backward, when the hooks have already freed them all, and torch's
+  `clip_grad_value_` fails on the empty list (`RuntimeError: Expected !nested_tensorlist[0].empty()`): every run
+  with the option crashes at its first step;
+- with any optimizer but optimi's, nothing installs hooks and the loop skips `step()`: the model never trains;
+- the largest gradient value it logs (`_max_grad_value`, grad_absmax) finds no gradient and returns a float that
+  the checkpoint's progress record then fails on (`'float' object has no attribute 'clone'`).
+
+This patch (a mixin before `Trainer`) turns upstream's own mechanism off while the optimizer is built and installs
+`sd3fit.lean.release.GradientRelease` on it instead, for every optimizer (torchao's 8-bit AdamW with stochastic
+rounding, SimpleTuner's adamw_bf16, optimi's, torch's). Clipping by value (upstream's default method) moves into
+each parameter's hook, where it is exact; clipping by norm is refused before training (`sd3fit.schema`). The loop's
+own clipping call, which finds no gradient left, is skipped, and grad_absmax is the largest value the hooks saw. Gradient accumulation follows upstream's flag
+(`optimizer.optimizer_accumulation`, set on every micro-step).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+from sd3fit.lean.release import GradientRelease
+from sd3fit.simpletuner import compat
+
+CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
+# upstream skips clipping for these (they bound their own updates)
+_SELF_CLIPPING = ("optimi-stableadamw", "prodigy")
+
+
+def check(trainer_cls) -> None:
+    compat.require(CHECKED_AGAINST, __name__)
+    for name in ("init_optimizer", "train", "_max_grad_value"):
+        if not callable(getattr(trainer_cls, name, None)):
+            raise RuntimeError(f"{__name__}: SimpleTuner's Trainer lacks {name}; this patch needs updating")
+    if "self.optimizer.optimizer_accumulation" not in inspect.getsource(trainer_cls.train):
+        raise RuntimeError(f"{__name__}: SimpleTuner's training loop no longer has the gradient-release branch this "
+                           "patch relies on; it needs updating")
+
+
+def clip_value(config) -> float | None:
+    """The value each gradient is clamped to in its hook, as upstream's loop would clip: None for no clipping."""
+    limit = float(getattr(config, "max_grad_norm", 0) or 0)
+    if limit <= 0 or getattr(config, "optimizer", "") in _SELF_CLIPPING:
+        return None
+    return limit
+
+
+def _inner(optimizer):
+    """The torch optimizer under accelerate's wrapper (prepare wraps it after init_optimizer)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class ReleasingTrainer:
+    sd3fit_release = None
+
+    def init_optimizer(self):
+        if not getattr(self.config, "optimizer_release_gradients", False):
+            return super().init_optimizer()
+        self.config.optimizer_release_gradients = False  # build a plain optimizer, install no optimi hooks
+        try:
+            super().init_optimizer()
+        finally:
+            self.config.optimizer_release_gradients = True  # the loop's branch that leaves stepping to the hooks
+        component = self.model.get_trained_component()
+        self.sd3fit_release = GradientRelease(
+            _inner(self.optimizer), component.parameters(), clip_value=clip_value(self.config),
+            accumulating=lambda: bool(getattr(self.optimizer, "optimizer_accumulation", False)),
+        )
+
+    def _max_grad_value(self):
+        found = self.sd3fit_release.take_absmax() if self.sd3fit_release is not None else None
+        return found if found is not None else super()._max_grad_value()
+
+    def train(self):
+        if self.sd3fit_release is not None:
+            accelerator = self.accelerator
+            original = accelerator.clip_grad_value_
+
+            @functools.wraps(original)
+            def clip_grad_value_(parameters, clip_value):
+                parameters = [p for p in parameters if p.grad is not None]
+                if parameters:  # released gradients were clamped in their hooks already
+                    return original(parameters, clip_value)
+
+            accelerator.clip_grad_value_ = clip_grad_value_
+        return super().train()
