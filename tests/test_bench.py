@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import one_line_error, run_sd3fit, tree_snapshot
-from sd3fit.bench import budget, flops, rows
+from sd3fit.bench import budget, flops, results, rows
 from sd3fit.errors import UserError
 from sd3fit.runs import Run
 
@@ -34,6 +34,23 @@ def test_budget_sizes(text, gib):
 def test_budget_refuses_what_it_cannot_read(text):
     with pytest.raises(UserError, match="GPU budget"):
         budget.parse(text)
+
+
+def test_card_budget_is_each_presets_own_card():
+    card = budget.parse("card")
+    assert card.slug == "card" and card.gib is None
+    assert card.for_preset("12GB").gib == pytest.approx(12e9 / 2**30) and card.for_preset("12GB").label == "12GB"
+    assert card.for_preset(None).gib is None  # a preset made for no card runs uncapped
+    assert budget.parse("24GB").for_preset("12GB").label == "24GB"  # a size given outright applies to every preset
+
+
+def test_a_card_fits_only_below_its_whole_run_device_peak():
+    from sd3fit.report.bench import _verdict
+
+    row = {"status": "finished", "budget_gib": 11.18, "run_peak_device_gib": 8.9}
+    assert _verdict(row) == "fits "
+    assert _verdict({**row, "run_peak_device_gib": 11.5}) == "over "  # ran under the cap, but the card holds more
+    assert _verdict({**row, "status": "out_of_memory"}) == "OOM at "
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
@@ -182,7 +199,8 @@ def test_report_keeps_gpus_apart_and_compares_with_the_full_fine_tune_of_the_sam
     written = bench.write(results, tmp_path / "report")
     names = sorted(p.name for p in written)
     assert names == ["peak_memory-gpu-a-random-1024-1.png", "peak_memory-gpu-b-random-1024-1.png", "step_time-gpu-a-random-1024-1.png",
-                     "step_time-gpu-b-random-1024-1.png", "summary.md"]
+                     "step_time-gpu-b-random-1024-1.png", "summary.md", "tradeoff-gpu-a-random-1024-1.png",
+                     "tradeoff-gpu-b-random-1024-1.png"]
     text = (tmp_path / "report" / "summary.md").read_text()
     section_a, section_b = text.split("### GPU B")
     # the last three columns: time, in-step memory and whole-run memory as ratios to the same GPU's full fine-tune
@@ -207,7 +225,7 @@ def test_bench_writes_a_row_per_preset_with_every_field(bench, demo_assets):
     from importlib.metadata import version
 
     out, proc = bench
-    found = rows.read(out / "results.jsonl")
+    found = results.read(out / "results.jsonl")
     assert [r["preset"] for r in found] == ["demo", "full-bf16"]
     for row in found:
         assert set(row) == set(rows.FIELDS)
@@ -265,7 +283,7 @@ def test_report_draws_the_figures_from_the_results(bench, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "report" / "step_time.png").stat().st_size > 10_000
     text = (tmp_path / "report" / "summary.md").read_text()
-    found = {r["preset"]: r for r in rows.read(out)}
+    found = {r["preset"]: r for r in results.read(out)}
     assert f"| {found['demo']['step_s_median']:.3f} |" in text
     assert not (tmp_path / "report" / "peak_memory.png").exists()  # a CPU run has no GPU memory to draw
 
@@ -296,20 +314,20 @@ def test_rescan_recomputes_rows_from_run_folders_into_a_new_file(tmp_path):
                    warmup_steps=2, model_tflop_per_image=20.0, peak_tflops=1000.0, gpu="GPU A")
     (out / "results.jsonl").write_text(json.dumps(written) + "\n")
     before = (out / "results.jsonl").read_text()
-    target = rows.rescan(out)
+    target = results.rescan(out)
     assert (out / "results.jsonl").read_text() == before  # the benchmark's own file is kept as written
-    (row,) = rows.read(target)
+    (row,) = results.read(target)
     assert row["status"] == "out_of_memory" and "2.00 GiB" in row["error"]
     assert (row["gpu"], row["budget"], row["measured_steps"]) == ("GPU A", "24GB", 4)
     assert row["mfu"] == pytest.approx(20e12 * row["images_per_s"] / 1000e12)
     with pytest.raises(UserError, match="already exists"):
-        rows.rescan(out)
+        results.rescan(out)
 
 
 def test_a_results_line_cut_short_by_a_kill_is_left_out_and_other_damage_is_an_error(tmp_path):
     good = json.dumps({"preset": "a", "status": "finished"})
     (tmp_path / "results.jsonl").write_text(good + "\n" + '{"preset": "b", "sta')
-    assert [r["preset"] for r in rows.read(tmp_path)] == ["a"]
+    assert [r["preset"] for r in results.read(tmp_path)] == ["a"]
     (tmp_path / "results.jsonl").write_text('{"preset": "b", "sta\n' + good + "\n")
     with pytest.raises(UserError, match="line 1 is not JSON"):
-        rows.read(tmp_path)
+        results.read(tmp_path)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
 import pytest
 
 from conftest import one_line_error, run_sd3fit
-from sd3fit import fit, presets, schema
+from sd3fit import fit, host, presets, schema
 from sd3fit.errors import UserError
 
 L4 = ("NVIDIA L4", 23034 / 1024)  # what nvidia-smi reports for an L4
@@ -39,15 +40,15 @@ def test_lora_on_int8_fits_an_l4_but_not_a_16_gb_card():
 @pytest.mark.parametrize("override", ["validation_disable=true", "resolution=512", "train_batch_size=2",
                                       "lora_rank=8", "vae_batch_size=1", "gradient_checkpointing=false"])
 def test_a_configuration_that_was_not_benchmarked_is_not_judged(override):
-    assert fit.measured_need(options("lora-r64-int8", override)) is None
+    assert fit.measured(options("lora-r64-int8", override)) is None
     fit.check("lora-r64-int8", options("lora-r64-int8", override), ("small card", 4.0))
 
 
 def test_only_sd3_medium_is_judged(tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
-    assert fit.measured_need(options("full-bf16", f"pretrained_model_name_or_path={tmp_path}")) is None
-    assert fit.measured_need(options("full-bf16", "pretrained_model_name_or_path=someone/other-model")) is None
-    assert fit.measured_need(options("full-bf16")) is not None
+    assert fit.measured(options("full-bf16", f"pretrained_model_name_or_path={tmp_path}")) is None
+    assert fit.measured(options("full-bf16", "pretrained_model_name_or_path=someone/other-model")) is None
+    assert fit.measured(options("full-bf16")) is not None
 
 
 def test_no_gpu_no_check():
@@ -77,7 +78,7 @@ def fake_l4(tmp_path):
 def test_gpu_memory_from_nvidia_smi(tmp_path, monkeypatch, lines, expected):
     monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, *lines)["PATH"])
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert fit.gpu() == expected
+    assert host.gpu() == expected
 
 
 def test_train_refuses_before_anything_is_written(fake_l4, tmp_path):
@@ -99,5 +100,92 @@ def test_train_refuses_before_anything_is_written(fake_l4, tmp_path):
 
 
 def test_an_override_that_makes_another_benchmarked_configuration_is_judged_by_that_run():
-    need, where = fit.measured_need(options("lora-r64-int8", "base_model_precision=no_change"))
-    assert where.endswith("lora-r64-bf16-nocap")
+    found = fit.measured(options("lora-r64-int8", "base_model_precision=no_change"))
+    assert found.run.endswith("lora-r64-bf16-nocap")
+
+
+# -- choosing the preset for a card (`sd3fit train lora|full --gpu SIZE`) --------------------------------------------
+@pytest.mark.parametrize("kind, card, expected", [
+    ("lora", "24GB", "lora-24gb"), ("lora", "16GB", "lora-24gb"), ("lora", "12GB", "lora-12gb"),
+    ("full", "24GB", "full-24gb"),
+])
+def test_the_fastest_measured_preset_that_fits_is_chosen(kind, card, expected):
+    assert fit.pick(kind, fit.card(card), []) == expected
+
+
+def test_a_card_too_small_for_every_preset_names_the_smallest_card_that_works():
+    with pytest.raises(UserError) as caught:
+        fit.pick("lora", fit.card("8GB"), [])
+    assert "no lora preset fits a 8GB card (7.45 GiB)" in str(caught.value)
+    assert "the smallest card that works is 12GB (lora-12gb needs 8.93 GiB)" in str(caught.value)
+
+
+def test_an_override_that_changes_memory_leaves_nothing_to_choose_from():
+    with pytest.raises(UserError, match="no lora preset has a benchmark run"):
+        fit.pick("lora", fit.card("24GB"), ["lora_rank=16"])
+    assert fit.pick("lora", fit.card("24GB"), ["learning_rate=1e-4", "max_train_steps=100"]) == "lora-24gb"
+
+
+def test_a_memory_saving_option_makes_another_configuration():
+    for override in ("vae_enable_tiling=false", "gradient_checkpointing_interval=3", "musubi_blocks_to_swap=4",
+                     "optimizer_release_gradients=false", "offload_during_startup=false"):
+        assert fit.measured(options("lora-12gb" if "release" not in override else "full-24gb", override)) is None, override
+
+
+def test_a_local_sd3_medium_folder_is_judged_like_the_hub_id(tmp_path):
+    from sd3fit import sd3_medium
+
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({**sd3_medium.TRANSFORMER, "_class_name": "x"}))
+    assert fit.measured(options("full-bf16", f"pretrained_model_name_or_path={tmp_path}")) is not None
+    # SD3.5 Medium (dual attention layers) is another model
+    (tmp_path / "transformer" / "config.json").write_text(
+        json.dumps({**sd3_medium.TRANSFORMER, "dual_attention_layers": [0, 1]}))
+    assert fit.measured(options("full-bf16", f"pretrained_model_name_or_path={tmp_path}")) is None
+
+
+def test_an_offloading_preset_needs_the_ram_it_was_measured_with():
+    need = fit.measured(options("lora-12gb")).rss_gib
+    assert need and need > 1
+    fit.check("lora-12gb", options("lora-12gb"), None, ram_gib=need + 1)
+    with pytest.raises(UserError) as caught:
+        fit.check("lora-12gb", options("lora-12gb"), None, ram_gib=need / 2)
+    assert f"about {need:.1f} GiB of RAM" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def local_sd3_medium(tmp_path):
+    """A local SD3 Medium folder as far as the checks before training read it (its marker)."""
+    from sd3fit import sd3_medium
+
+    model = tmp_path / "sd3-medium"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    (model / sd3_medium.MARKER).write_text("{}")
+    return f"pretrained_model_name_or_path={model}"
+
+
+def test_train_chooses_from_the_command_line(tmp_path):
+    runs = tmp_path / "runs"
+    proc = run_sd3fit("train", "lora", local_sd3_medium(tmp_path), "--gpu", "12GB", "--runs-dir", str(runs))
+    line = one_line_error(proc)  # chosen, then stopped by the next check: the study's dataset folder is not here
+    assert "data/sargent" in line
+    assert "sd3fit: lora on a 12GB card (11.18 GiB): lora-12gb, the fastest preset measured to fit" in proc.stdout
+    line = one_line_error(run_sd3fit("train", "full", "--gpu", "12GB", "--runs-dir", str(runs)))
+    assert "no full preset fits a 12GB card (11.18 GiB); the smallest card that works is 24GB" in line
+    assert "--gpu" in one_line_error(run_sd3fit("train", "lora", "--gpu", "twelve", "--runs-dir", str(runs)))
+    assert not runs.exists()
+
+
+def test_without_a_gpu_lora_asks_for_the_card(tmp_path):
+    env = fake_nvidia_smi(tmp_path)  # an nvidia-smi that finds no GPU
+    line = one_line_error(run_sd3fit("train", "lora", "--runs-dir", str(tmp_path / "runs"), env=env))
+    assert "no GPU found" in line and "--gpu 12GB" in line
+
+
+@pytest.mark.parametrize("card, expected", [("NVIDIA GeForce RTX 3060, 12288", "lora-24gb"),  # 12 GiB: 11.46 fits
+                                             ("NVIDIA GeForce RTX 2080 Ti, 11264", "lora-12gb")])
+def test_the_gpu_nvidia_smi_finds_is_used_when_no_card_is_named(tmp_path, card, expected):
+    env = fake_nvidia_smi(tmp_path, card)
+    proc = run_sd3fit("train", "lora", local_sd3_medium(tmp_path), "--runs-dir", str(tmp_path / "runs"), env=env)
+    assert f"lora on {card.split(',')[0]} ({int(card.split(', ')[1]) / 1024:.2f} GiB): {expected}," in proc.stdout

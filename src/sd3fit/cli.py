@@ -19,8 +19,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", help="folder that holds the run folders (default: $SD3FIT_RUNS_DIR or ./runs)")
     p.add_argument("--num-processes", type=int, default=1, help="processes (GPUs) for `accelerate launch`; 1 runs directly")
     p.add_argument("--dry-run", action="store_true", help="check the preset, model and dataset, print the config, train nothing")
+    p.add_argument("--gpu", metavar="SIZE",
+                   help="the card to fit, e.g. 12GB (default: the GPU nvidia-smi finds); with CONFIG lora or full, "
+                        "the fastest preset of that kind that fits it is chosen")
     p.add_argument("--skip-fit-check", action="store_true",
-                   help="train even when the GPU has less memory than this configuration's measured peak")
+                   help="train even when the GPU (or the RAM, for offloading presets) has less memory than this "
+                        "configuration's measured need")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a preset: sd3fit train [CONFIG] [key=value ...]")
-    p.add_argument("config", nargs="?", help="preset JSON file or name in config/ (default: the offline demo)")
+    p.add_argument("config", nargs="?", help="preset JSON file or name in config/, or lora / full for the fastest "
+                                             "preset that fits the GPU (default: the offline demo)")
     _train_args(p)
 
     p = sub.add_parser("demo", help="train the tiny offline demo (config/demo.json)")
@@ -46,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=5, help="steps before measuring starts (default 5)")
     p.add_argument("--resolution", type=int, default=1024, help="training resolution in px: 1024 or 512 (default 1024)")
     p.add_argument("--gpu-budget", nargs="+", default=["none"], metavar="SIZE",
-                   help="cap GPU memory to answer 'would it fit this card?': 24GB, 16GB, 22.5GiB, or none; "
-                        "several values run every preset under each (default none)")
+                   help="cap GPU memory to answer 'would it fit this card?': 24GB, 16GB, 22.5GiB, none, or card "
+                        "(each preset under the card it names); several values run every preset under each (default none)")
     p.add_argument("--model", default="auto",
                    help="Hub id or diffusers folder; 'random' builds SD3 Medium's architecture with random weights; "
                         "'auto' (default) uses the presets' model if its weights are here, else random")
@@ -83,24 +88,29 @@ def _split_config(args) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from sd3fit import train
+    from sd3fit import launch, train
+    from sd3fit.runs import shown
 
     started = time.time()
     config, overrides = _split_config(args)
-    prepared = train.prepare(config, overrides, name=args.name, runs_dir=args.runs_dir, check_fit=not args.skip_fit_check)
+    chosen, why = train.choose(config, overrides, args.gpu)
+    if why:
+        print(f"sd3fit: {why}", flush=True)
+    prepared = train.prepare(chosen, overrides, name=args.name, runs_dir=args.runs_dir,
+                             check_fit=not args.skip_fit_check, gpu=args.gpu)
     if args.dry_run:
         print(json.dumps(prepared.record, indent=2))
-        print(f"dry run: preset, model and dataset are fine; a run would go to {train.shown(prepared.run.dir)}")
+        print(f"dry run: preset, model and dataset are fine; a run would go to {shown(prepared.run.dir)}")
         return 0
     run = train.write(prepared)
-    print(f"sd3fit: training {prepared.preset.path.name} in {train.shown(run.dir)}", flush=True)
-    code = train.launch(prepared, num_processes=args.num_processes)
-    print(train.summary(run, time.time() - started))
+    print(f"sd3fit: training {prepared.preset.path.name} in {shown(run.dir)}", flush=True)
+    code = launch.launch(prepared, num_processes=args.num_processes)
+    print(launch.summary(run, time.time() - started))
     if code != 0:
         result = run.read_result() or {}
         # the first line only: SimpleTuner's messages run to many lines, and the log keeps all of them
         reason = (result.get("error") or f"the trainer exited with status {code}").splitlines()[0]
-        print(f"sd3fit: error: training failed: {reason}; full log: {train.shown(run.log)}", file=sys.stderr)
+        print(f"sd3fit: error: training failed: {reason}; full log: {shown(run.log)}", file=sys.stderr)
         return code
     return 0
 
@@ -113,7 +123,8 @@ def cmd_presets(args) -> int:
         for name, data in rows:
             print(f"{name:24} {data.get('description', '')}")
         return 0
-    columns = ["model_type", "lora_rank", "base_model_precision", "mixed_precision", "optimizer", "resolution", "train_batch_size", "max_train_steps"]
+    columns = ["card", "model_type", "lora_rank", "base_model_precision", "gradient_checkpointing", "optimizer",
+               "resolution", "max_train_steps"]
     print("| preset | " + " | ".join(columns) + " | what it is |")
     print("|---" * (len(columns) + 2) + "|")
     for name, data in rows:
@@ -173,12 +184,12 @@ def cmd_report(args) -> int:
     require_free_folder(out, "--out")
     paths = [Path(a) for a in args.runs]
     if any(_is_bench_results(p) for p in paths):
-        from sd3fit.bench import rows
+        from sd3fit.bench import results
         from sd3fit.report import bench
 
         if not all(_is_bench_results(p) for p in paths):
             raise UserError("give either run folders or benchmark results to one report, not both")
-        found = [row for p in paths for row in rows.read(p)]
+        found = [row for p in paths for row in results.read(p)]
         if not found:
             raise UserError(f"{args.runs[0]} holds no benchmark rows yet")
         for path in bench.write(found, out):

@@ -1,84 +1,148 @@
-"""Would a run fit this GPU? Refuse, before anything is loaded, a configuration whose measured peak is more than
-the card holds.
+"""Which presets fit a GPU, and which of them is fastest: decided before anything is loaded, from the committed
+benchmark of SD3 Medium's architecture (`REFERENCES`).
 
-The measured peaks come from the committed benchmark of SD3 Medium's architecture (`REFERENCE`): a run is checked
-only when every option that changes memory equals that of a benchmarked run (the model must be SD3 Medium too), so
-an edited preset is never judged by another configuration's numbers. The rule is conservative: it refuses only when
-the GPU's whole memory is below the peak PyTorch allocated in the benchmark run, which no card can serve (the
-CUDA context and the allocator's cache need more on top).
+A configuration is judged only when every option that can change memory equals that of a benchmarked run (the
+model must be SD3 Medium, from the Hub or a local folder), so an edited preset is never judged by another
+configuration's numbers. Options known not to change memory (`IGNORED`: paths, lengths, learning rates, seeds,
+logging, validation prompts) are the only ones left out; any other difference, a memory-saving option included,
+makes it another configuration.
+
+A card fits a run when the run's whole-run device peak (PyTorch's reserved peak plus the memory the process held
+outside the allocator, both measured) is below the card's memory. Rows from before the device peak was measured
+give only the allocated peak; for them the rule is weaker: refuse only a card below that peak, which no card can
+serve.
 """
 
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from sd3fit import sd3_medium
-from sd3fit.bench.machine import nvidia_smi
+from sd3fit import host, presets, schema, sd3_medium
 from sd3fit.errors import UserError
 from sd3fit.presets import PROJECT_DIR, portable
 
-REFERENCE = PROJECT_DIR / "results" / "2026-11-28-bench-h200" / "all-presets"
-SD3_MEDIUM_ID = "stabilityai/stable-diffusion-3-medium-diffusers"
-# SimpleTuner options that change GPU memory (paths, step counts, learning rates and seeds do not)
-MEMORY_KEYS = (
-    "model_family", "model_type", "lora_type", "lora_rank", "peft_lora_target_modules", "base_model_precision",
-    "resolution", "resolution_type", "train_batch_size", "gradient_checkpointing", "mixed_precision", "optimizer",
-    "validation_disable", "validation_resolution", "text_encoder_1_precision", "text_encoder_2_precision",
-    "text_encoder_3_precision", "vae_batch_size", "quantize_via", "attention_mechanism", "use_ema",
-    "offload_during_startup", "tokenizer_max_length",
+RESULTS_DIR = PROJECT_DIR / "results"
+# newest first: the first matching row is the one used
+REFERENCES = (
+    RESULTS_DIR / "2026-11-28-cards-h200" / "cards" / "results.jsonl",
+    RESULTS_DIR / "2026-11-28-bench-h200" / "all-presets" / "results-rescanned.jsonl",
 )
+KINDS = {"lora": "lora", "full": "full"}  # what `sd3fit train KIND --gpu SIZE` chooses among
+# SimpleTuner options that never change GPU memory; every other option does
+IGNORED = frozenset({
+    "pretrained_model_name_or_path", "data_backend_config", "output_dir", "max_train_steps", "num_train_epochs",
+    "learning_rate", "lr_scheduler", "lr_warmup_steps", "seed", "checkpointing_steps", "checkpoints_total_limit",
+    "report_to", "tracker_project_name", "tracker_run_name", "push_to_hub", "hub_model_id", "validation_steps",
+    "validation_prompt", "validation_seed", "validation_guidance", "validation_num_inference_steps",
+    "caption_dropout_probability", "lora_alpha", "disable_benchmark", "resume_from_checkpoint", "minimum_image_size",
+})
+# options that hold weights in CPU RAM: such a run also needs the host memory it was measured with
+OFFLOAD_KEYS = ("offload_during_startup", "ramtorch", "ramtorch_text_encoder", "musubi_blocks_to_swap")
 
 
-def _memory_options(options: dict) -> dict:
-    return {key: options.get(key) for key in MEMORY_KEYS}
+@dataclass(frozen=True)
+class Measured:
+    run: str  # the run folder it was measured in, as records show paths
+    allocated_gib: float  # whole-run peak allocated
+    device_gib: float | None  # whole-run reserved peak + memory outside the allocator; None in older rows
+    step_s: float | None  # median step
+    rss_gib: float | None  # the process's peak resident memory
+    reference: str  # the results file
+
+    @property
+    def need_gib(self) -> float:
+        return self.device_gib if self.device_gib is not None else self.allocated_gib
+
+    def fits(self, total_gib: float) -> bool:
+        return self.device_gib < total_gib if self.device_gib is not None else self.allocated_gib <= total_gib
 
 
-def _is_sd3_medium(model: str) -> bool:
-    return model == SD3_MEDIUM_ID or (Path(model).expanduser() / sd3_medium.MARKER).is_file()
+def memory_options(options: dict) -> dict:
+    return {key: value for key, value in options.items() if key not in IGNORED and value is not None}
 
 
-def measured_need(options: dict, reference: Path = REFERENCE) -> tuple[float, str] | None:
-    """(peak GiB allocated, the run folder it was measured in) of a benchmarked run with the same memory options."""
-    results = reference / "results-rescanned.jsonl"
-    if not results.is_file() or not _is_sd3_medium(str(options.get("pretrained_model_name_or_path", ""))):
-        return None
-    wanted = _memory_options(options)
+def _rows(results: Path):
+    if not results.is_file():
+        return
     for line in results.read_text().splitlines():
-        row = json.loads(line)
-        if row.get("budget_gib") is not None or row.get("status") != "finished" or row.get("run_peak_allocated_gib") is None:
-            continue
-        config = reference / "runs" / Path(row["run"]).name / "config.json"
-        if config.is_file() and _memory_options(json.loads(config.read_text())["simpletuner"]) == wanted:
-            return row["run_peak_allocated_gib"], portable(config.parent)
+        if line.strip():
+            yield json.loads(line)
+
+
+def measured(options: dict, references=REFERENCES) -> Measured | None:
+    """The benchmarked run with the same memory options, or None (not SD3 Medium, or never benchmarked)."""
+    if not sd3_medium.is_sd3_medium(str(options.get("pretrained_model_name_or_path", ""))):
+        return None
+    wanted = memory_options(options)
+    for results in references:
+        for row in _rows(Path(results)):
+            if row.get("status") != "finished" or row.get("run_peak_allocated_gib") is None:
+                continue
+            config = Path(results).parent / "runs" / Path(row["run"]).name / "config.json"
+            if not config.is_file() or memory_options(json.loads(config.read_text())["simpletuner"]) != wanted:
+                continue
+            return Measured(run=portable(config.parent), allocated_gib=row["run_peak_allocated_gib"],
+                            device_gib=row.get("run_peak_device_gib"), step_s=row.get("step_s_median"),
+                            rss_gib=row.get("run_peak_rss_gib"), reference=portable(results))
     return None
 
 
-def gpu() -> tuple[str, float] | None:
-    """Name and total memory (GiB) of the visible GPU with the most memory, from nvidia-smi. The largest: nvidia-smi's numbering may differ from CUDA's, and a refusal must never be wrong."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-    select = ["-i", visible] if visible and all(part.strip().isdigit() for part in visible.split(",")) else []
-    found = []
-    for *name, mib in nvidia_smi("name,memory.total", select) or []:
-        try:
-            found.append((",".join(name), float(mib) / 1024))
-        except ValueError:  # "[N/A]" on some shared-memory and MIG systems: no verdict
-            return None
-    return max(found, key=lambda item: item[1]) if found else None
+def card(text: str) -> tuple[str, float]:
+    """`--gpu 12GB` as (name, GiB)."""
+    return f"a {text.strip()} card", host.size_gib(text, "--gpu")
 
 
-def check(preset_name: str, options: dict, device: tuple[str, float] | None) -> None:
-    if device is None:
-        return
-    found = measured_need(options)
+def check(preset_name: str, options: dict, device: tuple[str, float] | None, ram_gib: float | None = None) -> None:
+    """Refuse a GPU (name, GiB) smaller than the configuration's measured need, and a machine whose free RAM is
+    below what an offloading configuration held in CPU memory when measured."""
+    found = measured(options)
     if found is None:
         return
-    need, where = found
-    name, total = device
-    if total < need:
+    if device is not None and not found.fits(device[1]):
+        name, total = device
+        what = ("whole-run device peak" if found.device_gib is not None else "peak allocated") + \
+            f" in a benchmark run of the same configuration, {found.run}"
         raise UserError(
-            f"preset {preset_name} needs at least {need:.2f} GiB of GPU memory (peak allocated in a benchmark run of "
-            f"the same configuration, {where}), but this GPU ({name}) has {total:.2f} GiB; choose a preset that fits "
-            "(docs/results.md) or pass --skip-fit-check to try anyway"
+            f"preset {preset_name} needs {'more than ' if found.device_gib is not None else 'at least '}"
+            f"{found.need_gib:.2f} GiB of GPU memory ({what}), but {name} has {total:.2f} GiB; choose a preset that "
+            "fits (sd3fit train lora|full --gpu SIZE picks one) or pass --skip-fit-check to try anyway"
         )
+    if ram_gib is not None and found.rss_gib and any(options.get(k) for k in OFFLOAD_KEYS) and ram_gib < found.rss_gib:
+        raise UserError(
+            f"preset {preset_name} keeps weights in CPU memory and needs about {found.rss_gib:.1f} GiB of RAM (peak "
+            f"measured in {found.run}), but this machine has {ram_gib:.1f} GiB available; free memory, choose a "
+            "preset for a larger card, or pass --skip-fit-check to try anyway"
+        )
+
+
+def candidates(kind: str) -> list[str]:
+    """Presets in config/ made for a card (`card` key) that train `kind` (lora or full)."""
+    found = []
+    for name in presets.available():
+        data = presets.read(presets.CONFIG_DIR / f"{name}.json")
+        if data.get("card") and data.get("model_type") == KINDS[kind]:
+            found.append(name)
+    return found
+
+
+def pick(kind: str, device: tuple[str, float], overrides: list[str]) -> str:
+    """The fastest measured preset of `kind` whose whole-run need is below the GPU's memory."""
+    scored = []
+    for name in candidates(kind):
+        options = schema.split(presets.load(name, overrides).values)[1]
+        found = measured(options)
+        if found is not None:
+            scored.append((name, found))
+    if not scored:
+        raise UserError(f"no {kind} preset has a benchmark run of its configuration with these options (SD3 Medium "
+                        "only; an override that changes memory makes another configuration); name a preset instead")
+    name, total = device
+    fitting = [(found.step_s or float("inf"), preset) for preset, found in scored if found.fits(total)]
+    if not fitting:
+        smallest_preset, smallest = min(scored, key=lambda item: item[1].need_gib)
+        card_size = presets.read(presets.CONFIG_DIR / f"{smallest_preset}.json")["card"]
+        raise UserError(f"no {kind} preset fits {name} ({total:.2f} GiB); the smallest card that works is {card_size} "
+                        f"({smallest_preset} needs {smallest.need_gib:.2f} GiB)")
+    return min(fitting)[1]

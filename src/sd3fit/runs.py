@@ -110,3 +110,12 @@ def create(run: Run) -> None:
     except FileExistsError:
         if any(run.dir.iterdir()):
             raise UserError(f"run folder {run.dir} already holds a run; choose another --name") from None
+
+
+def shown(path) -> str:
+    """A path as the user would type it: relative when it lies below the current directory."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

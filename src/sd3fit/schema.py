@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sd3fit.errors import UserError
+from sd3fit.host import size_gib
 from sd3fit.measure import settings as measure_settings
 
 SIMPLETUNER_VERSION = "4.10.1"  # the release the option table and every patch were checked against
@@ -35,6 +36,11 @@ SD3FIT_KEYS: dict[str, Key] = {
         "str",
         "Folder of training images with a .txt caption beside each; fills {dataset_dir} in the dataset "
         "definition. Relative paths start at the current directory.",
+    ),
+    "card": Key(
+        "str",
+        "The GPU memory the preset is made for, as cards are sold (e.g. 12GB); `sd3fit train lora|full --gpu SIZE` "
+        "chooses among presets that name one, by their measured whole-run peaks.",
     ),
     **{name: Key(kind, text) for name, (kind, text) in measure_settings.KEYS.items()},
 }
@@ -131,6 +137,11 @@ def _rules(cfg: dict[str, Any]) -> None:
             raise UserError(f"option {key} would delete files from your dataset folder; sd3fit refuses it, remove such images yourself")
     if get("gradient_checkpointing_interval") and get("gradient_checkpointing") is False:
         raise UserError("option gradient_checkpointing_interval needs gradient_checkpointing=true")
+    if get("optimizer_release_gradients") and get("grad_clip_method") == "norm" and (get("max_grad_norm") or 0) > 0:
+        raise UserError("option optimizer_release_gradients frees each gradient as soon as it is used, so clipping by "
+                        "norm (which needs all of them) cannot work; use grad_clip_method=value or max_grad_norm=0")
+    if get("card") is not None:
+        size_gib(get("card"), "option card")
     measure_settings.check({k: v for k, v in cfg.items() if k in measure_settings.KEYS})
 
 

@@ -13,6 +13,24 @@ from pathlib import Path
 
 LABEL = "SD3-Medium architecture, random weights"
 MARKER = "sd3fit-random-architecture.json"
+HUB_ID = "stabilityai/stable-diffusion-3-medium-diffusers"
+# the transformer's public configuration: what makes a diffusers folder SD3 Medium (3.0, not 3.5) for memory purposes
+TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, pos_embed_max_size=192)
+
+
+def is_sd3_medium(model: str) -> bool:
+    """The Hub id, or a local diffusers folder whose transformer has SD3 Medium's architecture (the real weights
+    downloaded, or sd3fit's random-weight build of them)."""
+    if model == HUB_ID:
+        return True
+    config = Path(model).expanduser() / "transformer" / "config.json"
+    try:
+        found = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return (Path(model).expanduser() / MARKER).is_file()
+    return all(found.get(key) == value for key, value in TRANSFORMER.items()) and not found.get("dual_attention_layers")
 
 
 def build(path: Path, device: str = "cpu", seed: int = 0) -> Path:
@@ -32,11 +50,7 @@ def build(path: Path, device: str = "cpu", seed: int = 0) -> Path:
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
         try:
-            transformer = SD3Transformer2DModel(
-                sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                pooled_projection_dim=2048, pos_embed_max_size=192,
-            )
+            transformer = SD3Transformer2DModel(**TRANSFORMER)
             vae = AutoencoderKL(
                 in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

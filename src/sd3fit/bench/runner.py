@@ -2,8 +2,8 @@
 
 Each run is a real `sd3fit train` run (the same preparation and launcher `train.sh` uses, its own process) with
 the preset's own options except what a benchmark must fix: the model, a synthetic dataset of 1024 px images,
-the resolution, warm-up + N steps, one validation at the last step (unless turned off) and no checkpoints,
-trackers or base-model benchmark. Text embeddings and VAE latents are cached before training, as in any run.
+the resolution, warm-up + N steps, one checkpoint and one validation at the last step (validation unless turned
+off) and no trackers or base-model benchmark. Text embeddings and VAE latents are cached before training, as in any run.
 A run that runs out of memory is a row with status `out_of_memory`; the benchmark goes on.
 """
 
@@ -19,11 +19,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sd3fit import hub, presets, sd3_medium, train
+from sd3fit import hub, launch, presets, sd3_medium, train
 from sd3fit.bench import budget as budgets
-from sd3fit.bench import flops, rows
+from sd3fit.bench import flops, results, rows
 from sd3fit.errors import UserError
-from sd3fit.runs import require_free_folder
+from sd3fit.runs import require_free_folder, shown
 
 DATASET_IMAGES = 16
 DATASET_SIZE = 1024
@@ -99,7 +99,8 @@ def overrides(settings: Settings, model: str, data: Path) -> list[str]:
         f"pretrained_model_name_or_path={model}", f"dataset_dir={data}",
         f"data_backend_config={presets.CONFIG_DIR / 'datasets' / 'image-folder.json'}",
         f"resolution={res}", "resolution_type=pixel", f"max_train_steps={total}", "num_train_epochs=0",
-        f"checkpointing_steps={total + 1000}", "report_to=none", "push_to_hub=false", "disable_benchmark=true",
+        # one checkpoint, at the last step: saving is part of every real run's peak
+        f"checkpointing_steps={total}", "checkpoints_total_limit=1", "report_to=none", "push_to_hub=false", "disable_benchmark=true",
         "step_metrics=true", "enable_profiler=false", "memory_snapshot_steps=0",
     ]
     if settings.validation:
@@ -120,7 +121,7 @@ def _check_resume(out: Path, settings: Settings) -> set[tuple[str, str]]:
         if saved.get(key) != asdict(settings)[key]:
             raise UserError(f"{out} holds a benchmark with {key}={saved.get(key)!r}, not {asdict(settings)[key]!r}; "
                             "use the same settings with --resume, or a new --out")
-    done = rows.read(out) if (out / rows.RESULTS).is_file() else []
+    done = results.read(out) if (out / results.RESULTS).is_file() else []
     return {(r["preset"], r["budget"]) for r in done}
 
 
@@ -133,7 +134,7 @@ def _free_name(root: Path, name: str) -> str:
 
 def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
     caps = [budgets.parse(b) for b in settings.budgets]
-    if len({c.gib for c in caps}) != len(caps) or len({c.slug for c in caps}) != len(caps):
+    if len({(c.gib, c.label == budgets.CARD_WORD) for c in caps}) != len(caps) or len({c.slug for c in caps}) != len(caps):
         raise UserError("--gpu-budget lists the same budget twice")
     if len(set(settings.presets)) != len(settings.presets):
         raise UserError("--presets lists the same preset twice")
@@ -144,13 +145,13 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
     loaded = {name: presets.load(name) for name in settings.presets}  # every preset checked before the first run
     done = _check_resume(out, settings) if resume else (require_free_folder(out, "--out") or set())
 
-    facts = _in_child("from sd3fit.bench import machine; print(json.dumps(machine.describe()))")
+    facts = _in_child("from sd3fit import host; print(json.dumps(host.describe()))")
     if resume and (out / SETTINGS).is_file():
         first_gpu = json.loads((out / SETTINGS).read_text()).get("gpu", facts["gpu"])
         if first_gpu != facts["gpu"]:
             raise UserError(f"{out} holds a benchmark made on {first_gpu or 'a CPU'}, and this machine has "
                             f"{facts['gpu'] or 'no GPU'}; numbers from two GPUs never share a benchmark: use a new --out")
-    if any(c.gib is not None for c in caps) and not facts["gpu"]:
+    if any(c.gib is not None or c.label == budgets.CARD_WORD for c in caps) and not facts["gpu"]:
         raise UserError("--gpu-budget caps GPU memory and needs a CUDA GPU; this machine has none (use --gpu-budget none)")
     peak = settings.peak_tflops or flops.peak_tflops(facts["gpu"])
     model, label = resolve_model(settings.model, {p.values["pretrained_model_name_or_path"] for p in loaded.values()},
@@ -162,10 +163,10 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
     # prepare every run before the first starts: a bad option or dataset stops the benchmark at once
     plan = []
     for name in settings.presets:
-        for cap in caps:
+        for cap in (c.for_preset(loaded[name].values.get("card")) for c in caps):
             if (name, cap.label) in done:
                 continue
-            run_name = _free_name(out / "runs", f"{name}-{cap.slug}")
+            run_name = _free_name(out / "runs", f"{presets.find(name).stem}-{cap.slug}")  # a preset may be a path
             # no fit check: finding out what fits is the benchmark's job
             plan.append((name, cap, train.prepare(name, extra, name=run_name, runs_dir=str(out / "runs"), check_fit=False)))
     out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +183,7 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
     def stop(signum, frame):
         interrupted.append(signum)
         if training[0]:
-            raise KeyboardInterrupt  # train.launch terminates the trainer
+            raise KeyboardInterrupt  # launch.launch terminates the trainer
         # between runs: finish writing the current row, then stop (a row is never cut in half)
 
     # Ctrl-C, `timeout` and schedulers: stop the running trainer, keep the rows written so far
@@ -194,19 +195,19 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
             break
         run_dir = prepared.run.dir
         train.write(prepared)
-        print(f"[{n}/{len(plan)}] {name}, GPU budget {cap.label}: training in {train.shown(run_dir)}", flush=True)
+        print(f"[{n}/{len(plan)}] {name}, GPU budget {cap.label}: training in {shown(run_dir)}", flush=True)
         # an empty value means no cap, also when the user's environment sets one
         env = {"SD3FIT_GPU_BUDGET_GIB": "" if cap.gib is None else str(cap.gib)}
         started = time.time()
         training[0] = True
         try:
-            code = train.launch(prepared, env=env, echo=False)
+            code = launch.launch(prepared, env=env, echo=False)
         except KeyboardInterrupt:
             interrupted.append("interrupt")
         finally:
             training[0] = False
         if interrupted:
-            print(f"sd3fit bench: interrupted during {name}; rows so far are in {out / rows.RESULTS} "
+            print(f"sd3fit bench: interrupted during {name}; rows so far are in {out / results.RESULTS} "
                   "(run again with --resume to go on)", file=sys.stderr)
             return 130
         options = prepared.record["simpletuner"]
@@ -219,16 +220,16 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
         row.update(preset=name, budget=cap.label, budget_gib=cap.gib, wall_s=round(time.time() - started, 1),
                    model=presets.portable(model) if Path(model).exists() else model, model_label=label,
                    run=presets.portable(run_dir), command=command, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        rows.append(out, row)
+        results.append(out, row)
         failed += row["status"] == "failed"
         print("    " + summary_line(row), flush=True)
         if not settings.keep_weights and prepared.run.output.is_dir():
             shutil.rmtree(prepared.run.output)  # trained weights of a benchmark: gigabytes, and not what it measures
     if interrupted:
-        print(f"sd3fit bench: interrupted; rows so far are in {out / rows.RESULTS} (run again with --resume to go on)",
+        print(f"sd3fit bench: interrupted; rows so far are in {out / results.RESULTS} (run again with --resume to go on)",
               file=sys.stderr)
         return 130
-    print(f"results: {train.shown(out / rows.RESULTS)}, {train.shown(out / rows.CSV)}; figures: sd3fit report {train.shown(out)}")
+    print(f"results: {shown(out / results.RESULTS)}, {shown(out / results.CSV)}; figures: sd3fit report {shown(out)}")
     return 1 if failed else 0
 
 

@@ -171,6 +171,7 @@ class CudaMemory:
             "outside_allocator_gib": None if self._outside_allocator is None else self._outside_allocator / GIB,
             # out-of-memory errors in the whole run, including those the trainer caught and went on from
             "ooms": stats.get("num_ooms", 0),
+            "peak_rss_gib": _peak_rss_gib(),  # CPU memory: what offloading presets need of the host
         }
 
 

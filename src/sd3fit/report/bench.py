@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sd3fit.bench.budget import CARD_SIZES_GB, GIB  # noqa: E402
+from sd3fit.host import CARD_SIZES_GB, GIB  # noqa: E402
 from sd3fit.report.write import slug  # noqa: E402
 
 STATUS = {"finished": "ran", "out_of_memory": "**out of memory**", "failed": "failed"}
@@ -81,7 +81,7 @@ def markdown(rows: list[dict]) -> str:
                      f"{dates[0] if dates else '?'}{'' if not dates or dates[0] == dates[-1] else ' to ' + dates[-1]}.\n")
         head = ["preset", "GPU budget", "result", "median step (s)", "p10–p90 (s)", "images/s", "MFU",
                 "steps: peak alloc. (GiB)", "steps: peak reserved (GiB)", "whole run: peak alloc. (GiB)",
-                "whole run: peak reserved (GiB)", "time vs full", "step memory vs full", "run memory vs full"]
+                "whole run: peak reserved (GiB)", "whole run: device (GiB)", "time vs full", "step memory vs full", "run memory vs full"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in group:
             full = _full(group, row["budget"])
@@ -94,7 +94,7 @@ def markdown(rows: list[dict]) -> str:
                      _f(100 * row["mfu"], ".1f") + " %" if finished and row.get("mfu") else "–",
                      _f(row.get("step_peak_allocated_gib")), _f(row.get("step_peak_reserved_gib")),
                      _f(row.get("run_peak_allocated_gib")), _f(row.get("run_peak_reserved_gib")),
-                     _f(ratio(row, full, "step_s_median")), _f(ratio(row, full, "step_peak_allocated_gib")),
+                     _f(row.get("run_peak_device_gib")), _f(ratio(row, full, "step_s_median")), _f(ratio(row, full, "step_peak_allocated_gib")),
                      _f(ratio(row, full, "run_peak_reserved_gib"))]
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines) + "\n")
@@ -142,20 +142,37 @@ def step_time(group: list[dict], heading: str):
     return fig
 
 
+def _verdict(row: dict) -> str:
+    """A card fits a run that finished with its device peak (where measured) below the card's memory."""
+    if row["status"] == "out_of_memory":
+        return "OOM at "
+    if row["status"] != "finished":
+        return "failed at "
+    device = row.get("run_peak_device_gib")
+    return "over " if device is not None and device >= row["budget_gib"] else "fits "
+
+
 def peak_memory(group: list[dict], heading: str):
     presets = _ordered(r["preset"] for r in group)
     budgets = _ordered(r["budget"] for r in group)
-    measured_under = "none" if "none" in budgets else budgets[0]
+
+    def shown(preset: str) -> dict | None:
+        """The uncapped run of a preset where there is one, else its first (e.g. the run under its own card)."""
+        runs = [r for r in group if r["preset"] == preset]
+        return next((r for r in runs if r["budget"] == "none"), runs[0] if runs else None)
+
     fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(presets) + 2), 5.2))
-    series = (("step_peak_allocated_gib", "in training steps, allocated"), ("run_peak_reserved_gib", "whole run, reserved"))
-    width = 0.38
+    series = [("step_peak_allocated_gib", "in training steps, allocated"), ("run_peak_reserved_gib", "whole run, reserved")]
+    if any(r.get("run_peak_device_gib") is not None for r in group):
+        series.append(("run_peak_device_gib", "whole run, device (reserved + outside the allocator)"))
+    width = 0.8 / len(series)
     top = 0.0
     for i, (key, label) in enumerate(series):
         xs, values, hatches = [], [], []
         for j, preset in enumerate(presets):
-            row = next((r for r in group if r["preset"] == preset and r["budget"] == measured_under), None)
+            row = shown(preset)
             if row and row.get(key) is not None:
-                xs.append(j + (i - 0.5) * width)
+                xs.append(j + (i - (len(series) - 1) / 2) * width)
                 values.append(row[key])
                 hatches.append("//" if row["status"] != "finished" else "")  # a peak cut short by the error
         if values:
@@ -171,14 +188,54 @@ def peak_memory(group: list[dict], heading: str):
             ax.text(-0.45, gib, f"{gb} GB card", fontsize=7, color="grey", ha="left", va="bottom")
     for j, preset in enumerate(presets):
         capped = [r for r in group if r["preset"] == preset and r.get("budget_gib") is not None]
-        verdicts = [("fits " if r["status"] == "finished" else "OOM at " if r["status"] == "out_of_memory" else "failed at ")
-                    + r["budget"] for r in capped]
+        verdicts = [_verdict(r) + r["budget"] for r in capped]
         if verdicts:
             ax.text(j, -0.09, "\n".join(verdicts), transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=8)
     ax.set_xticks(range(len(presets)), presets)
     ax.set_ylabel("peak GPU memory (GiB)")
-    ax.set_title(f"Peak memory (runs with GPU budget {measured_under})\n{heading}", fontsize=10)
+    under = "none" if "none" in budgets else "each preset's first"
+    ax.set_title(f"Peak memory (runs with GPU budget {under})\n{heading}", fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def device_peak(row: dict) -> float | None:
+    """What a card must hold for the whole run: reserved peak plus memory outside the allocator (reserved alone in
+    rows from before the latter was measured)."""
+    return row.get("run_peak_device_gib") or row.get("run_peak_reserved_gib")
+
+
+def tradeoff(group: list[dict], heading: str):
+    """Step time against whole-run device peak, one point per finished configuration; presets made for a card
+    (rows with `card`) are marked and named."""
+    points = [r for r in group if r["status"] == "finished" and r.get("step_s_median") and device_peak(r)]
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    for n, row in enumerate(sorted(points, key=device_peak)):
+        chosen = bool(row.get("card"))
+        x, y = device_peak(row), row["step_s_median"]
+        ax.scatter(x, y, marker="*" if chosen else "o", s=140 if chosen else 40,
+                   color=COLORS[0] if row.get("model_type") == "lora" else COLORS[1], zorder=3)
+        ax.annotate(row["preset"] + ("" if row.get("budget_gib") is None else f" ({row['budget']})"), (x, y),
+                    textcoords="offset points", xytext=(5, 6 if n % 2 == 0 else -13), fontsize=7)  # neighbours apart
+    top = max((device_peak(r) for r in points), default=0)
+    # every card line up to the first card that holds the largest point
+    cards = [gb * 1e9 / GIB for gb in CARD_SIZES_GB]
+    right = next((gib for gib in cards if gib > top), top) * 1.05
+    for gb, gib in zip(CARD_SIZES_GB, cards):
+        if gib <= right:
+            ax.axvline(gib, color="grey", linestyle="--", linewidth=0.8)
+            ax.text(gib, 0.02, f"{gb} GB", transform=ax.get_xaxis_transform(), fontsize=7, color="grey", ha="right",
+                    rotation=90)
+    ax.scatter([], [], marker="*", s=140, color="black", label="preset made for a card")
+    ax.scatter([], [], marker="o", s=40, color=COLORS[0], label="LoRA")
+    ax.scatter([], [], marker="o", s=40, color=COLORS[1], label="full fine-tune")
+    ax.set_xlabel("whole-run device peak (GiB): reserved + outside the allocator")
+    ax.set_ylabel("median training step (s)")
+    ax.set_xlim(0, right)
+    ax.set_ylim(0, max((r["step_s_median"] for r in points), default=1) * 1.15)
+    ax.set_title(f"Step time against the memory a card must have\n{heading}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig
 
@@ -195,8 +252,8 @@ def write(rows: list[dict], out: Path) -> list[Path]:
         while suffix in used:  # groups that differ only in warm-up or versions
             suffix, n = f"{base}-{n}", n + 1
         used.add(suffix)
-        for name, draw in (("step_time", step_time), ("peak_memory", peak_memory)):
-            if name == "peak_memory" and all(r.get("run_peak_reserved_gib") is None and r.get("step_peak_allocated_gib") is None for r in group):
+        for name, draw in (("step_time", step_time), ("peak_memory", peak_memory), ("tradeoff", tradeoff)):
+            if name != "step_time" and all(r.get("run_peak_reserved_gib") is None and r.get("step_peak_allocated_gib") is None for r in group):
                 continue  # a CPU benchmark has no GPU memory to draw
             path = out / f"{name}{suffix}.png"
             fig = draw(group, title(key))

@@ -1,0 +1,102 @@
+"""Every preset made for a card trains the tiny SD3 end to end through ./train.sh for 50 steps (its own memory
+options: quantized text encoders and base, checkpointing, 8-bit optimizer state with stochastic rounding, gradient
+release, offloading during start-up, VAE tiling), saves weights that load into diffusers, and keeps its loss curve within
+the seed-to-seed spread of its unconstrained counterpart (the study's lora-r64-bf16 and full-bf16, at the same
+learning rate): saving memory must not change what is learned.
+
+The spread: both counterpart runs see the same data, and a seed changes the noise and timesteps drawn at every step,
+so the root mean square of their per-step loss differences is how far the curve moves when nothing but chance
+changes. The preset runs with the first seed, so it draws what the first counterpart run drew; its curve must stay
+closer to that run's than the other seed's curve does."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import ROOT
+from sd3fit import fit, host, presets, schema
+from test_train_e2e import assert_changes_output, base, train  # noqa: F401  (base is a fixture)
+
+STEPS = 50
+TINY = [  # the card presets' memory options on the tiny model: only size, data, length and learning rate change
+    "pretrained_model_name_or_path={demo}/tiny-sd3", "dataset_dir={demo}/shapes",
+    f"data_backend_config={ROOT / 'config' / 'datasets' / 'image-folder.json'}", "resolution=128",
+    "minimum_image_size=64", "validation_resolution=128x128", "validation_num_inference_steps=2",
+    f"max_train_steps={STEPS}", f"validation_steps={STEPS}", f"checkpointing_steps={STEPS // 2}", "report_to=none",
+    "lr_scheduler=constant", "lr_warmup_steps=0",
+]
+LEARNING_RATE = {"lora": 1e-3, "full": 1e-4}
+REFERENCE = {"lora": "lora-r64-bf16", "full": "full-bf16"}
+SEEDS = (42, 43)  # the presets' seed first
+
+
+def card_presets(kind: str) -> list[str]:
+    return fit.candidates(kind)
+
+
+def losses(run) -> list[float]:
+    rows = run.read_metrics()
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    values = [r["train_loss"] for r in rows]
+    assert all(math.isfinite(v) for v in values), values
+    return values
+
+
+def rms(a: list[float], b: list[float]) -> float:
+    return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) / len(a))
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, demo_assets):
+    """Each kind's unconstrained counterpart: its loss curve per seed."""
+    root = tmp_path_factory.mktemp("reference-runs")
+    return {kind: {seed: losses(train(root, f"{preset}-{seed}", preset, *TINY, f"learning_rate={LEARNING_RATE[kind]}",
+                                      f"seed={seed}"))
+                   for seed in SEEDS}
+            for kind, preset in REFERENCE.items()}
+
+
+@pytest.mark.parametrize("preset", card_presets("lora") + card_presets("full"))
+def test_every_card_a_preset_claims_is_backed_by_a_benchmark_row_under_that_card(preset):
+    """The committed benchmark ran this very configuration (SD3 Medium's architecture) under its card's budget, to
+    the end, without any out-of-memory error, and its whole-run device peak is below the card's size."""
+    loaded = presets.load(preset)
+    found = fit.measured(schema.split(loaded.values)[1])
+    assert found is not None, f"{preset} has no benchmark row of its configuration"
+    card = loaded.values["card"]
+    assert found.device_gib is not None and found.fits(host.size_gib(card)), (preset, card, found)
+    row = next(json.loads(line) for line in (ROOT / found.reference).read_text().splitlines()
+               if found.run.endswith(json.loads(line)["run"].rsplit("/", 1)[-1]))
+    assert row["status"] == "finished" and row["budget"] == card and row["measured_steps"] > 0
+
+
+@pytest.mark.parametrize("preset", card_presets("lora") + card_presets("full"))
+def test_card_preset_trains_like_its_unconstrained_counterpart(tmp_path, preset, references, base, demo_assets):  # noqa: F811
+    kind = presets.read(presets.CONFIG_DIR / f"{preset}.json")["model_type"]
+    run = train(tmp_path, preset, preset, *TINY, f"learning_rate={LEARNING_RATE[kind]}", f"seed={SEEDS[0]}")
+    result = run.read_result()
+    assert result["status"] == "finished" and result["global_step"] == STEPS and not result.get("out_of_memory")
+    curve, same_seed, other_seed = losses(run), references[kind][SEEDS[0]], references[kind][SEEDS[1]]
+    spread = rms(same_seed, other_seed)
+    assert spread > 0.01  # the seeds really drew differently: the bound below means something
+    assert rms(curve, same_seed) <= spread, (rms(curve, same_seed), spread)
+    options = json.loads(run.config.read_text())["simpletuner"]
+    assert (result["transformer"]["quantized_modules"] > 0) == (options.get("base_model_precision") == "int8-quanto")
+    assert (run.output / f"checkpoint-{STEPS // 2}").is_dir()  # a checkpoint saved inside the run
+    pipe, base_images = base
+    if kind == "lora":
+        pipe.load_lora_weights(result["artifacts"]["adapter"], adapter_name="tuned")
+        try:
+            assert_changes_output(pipe, base_images)
+        finally:
+            pipe.delete_adapters("tuned")
+    else:
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        transformer = SD3Transformer2DModel.from_pretrained(result["artifacts"]["transformer"], torch_dtype=torch.float32)
+        tuned = StableDiffusion3Pipeline.from_pretrained(demo_assets["model"], transformer=transformer)
+        assert_changes_output(tuned, base_images)
