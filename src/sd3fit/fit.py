@@ -29,7 +29,7 @@ REFERENCES = (
     RESULTS_DIR / "2026-11-28-cards-h200" / "cards" / "results.jsonl",
     RESULTS_DIR / "2026-11-28-bench-h200" / "all-presets" / "results-rescanned.jsonl",
 )
-KINDS = {"lora": "lora", "full": "full"}  # what `sd3fit train KIND --gpu SIZE` chooses among
+KINDS = ("lora", "full")  # model types `sd3fit train KIND --gpu SIZE` chooses a preset for
 # SimpleTuner options that never change GPU memory; every other option does
 IGNORED = frozenset({
     "pretrained_model_name_or_path", "data_backend_config", "output_dir", "max_train_steps", "num_train_epochs",
@@ -122,7 +122,7 @@ def candidates(kind: str) -> list[str]:
     found = []
     for name in presets.available():
         data = presets.read(presets.CONFIG_DIR / f"{name}.json")
-        if data.get("card") and data.get("model_type") == KINDS[kind]:
+        if data.get("card") and data.get("model_type") == kind:
             found.append(name)
     return found
 
