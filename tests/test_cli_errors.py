@@ -42,6 +42,11 @@ def test_impossible_combination(workspace):
     assert "base_model_precision=int8-quanto needs model_type=lora" in line
 
 
+def test_gradient_release_on_several_processes(workspace):
+    line = bad(workspace, "model_type=full", "optimizer_release_gradients=true", "--num-processes", "2")
+    assert "optimizer_release_gradients" in line and "--num-processes 1" in line
+
+
 def test_missing_dataset_folder(workspace):
     line = bad(workspace, f"dataset_dir={workspace['tmp'] / 'missing'}")
     assert "dataset folder not found" in line and "missing" in line

@@ -80,6 +80,9 @@ def test_integers_are_accepted_for_float_options():
         ({"gradient_checkpointing": False, "gradient_checkpointing_interval": 2}, "needs gradient_checkpointing=true"),
         ({"output_dir": "/tmp/out"}, "output_dir is set by sd3fit"),
         ({"delete_unwanted_images": True}, "would delete files from your dataset folder"),
+        ({"optimizer_release_gradients": True, "grad_clip_method": "norm", "max_grad_norm": 1.0}, "clipping by norm"),
+        ({"optimizer_release_gradients": True, "fsdp_enable": True}, "cannot step FSDP's shards"),
+        ({"card": "twelve"}, "cannot read option card"),
     ],
 )
 def test_impossible_combinations_are_refused(change, words):

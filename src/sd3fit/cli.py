@@ -93,11 +93,17 @@ def cmd_train(args) -> int:
 
     started = time.time()
     config, overrides = _split_config(args)
+    if args.num_processes < 1:
+        raise UserError(f"--num-processes must be 1 or more, not {args.num_processes}")
     chosen, why = train.choose(config, overrides, args.gpu)
     if why:
         print(f"sd3fit: {why}", flush=True)
     prepared = train.prepare(chosen, overrides, name=args.name, runs_dir=args.runs_dir,
                              check_fit=not args.skip_fit_check, gpu=args.gpu)
+    if args.num_processes > 1 and prepared.preset.values.get("optimizer_release_gradients"):
+        # each process would step its own gradient before the processes have averaged them
+        raise UserError("optimizer_release_gradients steps each parameter before the processes have averaged its "
+                        "gradient; train with --num-processes 1 or set optimizer_release_gradients=false")
     if args.dry_run:
         print(json.dumps(prepared.record, indent=2))
         print(f"dry run: preset, model and dataset are fine; a run would go to {shown(prepared.run.dir)}")

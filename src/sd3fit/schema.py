@@ -140,6 +140,9 @@ def _rules(cfg: dict[str, Any]) -> None:
     if get("optimizer_release_gradients") and get("grad_clip_method") == "norm" and (get("max_grad_norm") or 0) > 0:
         raise UserError("option optimizer_release_gradients frees each gradient as soon as it is used, so clipping by "
                         "norm (which needs all of them) cannot work; use grad_clip_method=value or max_grad_norm=0")
+    if get("optimizer_release_gradients") and get("fsdp_enable"):
+        raise UserError("option optimizer_release_gradients steps whole parameters in the backward pass and cannot step "
+                        "FSDP's shards; turn one of optimizer_release_gradients and fsdp_enable off")
     if get("card") is not None:
         size_gib(get("card"), "option card")
     measure_settings.check({k: v for k, v in cfg.items() if k in measure_settings.KEYS})
