@@ -15,13 +15,14 @@ serve.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from sd3fit import host, presets, schema, sd3_medium
+from sd3fit.bench import results
 from sd3fit.errors import UserError
 from sd3fit.presets import PROJECT_DIR, portable
+from sd3fit.runs import Run
 
 RESULTS_DIR = PROJECT_DIR / "results"
 # newest first: the first matching row is the one used
@@ -63,29 +64,21 @@ def memory_options(options: dict) -> dict:
     return {key: value for key, value in options.items() if key not in IGNORED and value is not None}
 
 
-def _rows(results: Path):
-    if not results.is_file():
-        return
-    for line in results.read_text().splitlines():
-        if line.strip():
-            yield json.loads(line)
-
-
 def measured(options: dict, references=REFERENCES) -> Measured | None:
     """The benchmarked run with the same memory options, or None (not SD3 Medium, or never benchmarked)."""
     if not sd3_medium.is_sd3_medium(str(options.get("pretrained_model_name_or_path", ""))):
         return None
     wanted = memory_options(options)
-    for results in references:
-        for row in _rows(Path(results)):
+    for reference in map(Path, references):
+        for row in results.read(reference) if reference.is_file() else []:
             if row.get("status") != "finished" or row.get("run_peak_allocated_gib") is None:
                 continue
-            config = Path(results).parent / "runs" / Path(row["run"]).name / "config.json"
-            if not config.is_file() or memory_options(json.loads(config.read_text())["simpletuner"]) != wanted:
+            run = Run(reference.parent / "runs" / Path(row["run"]).name)
+            if not run.config.is_file() or memory_options(run.read_config()["simpletuner"]) != wanted:
                 continue
-            return Measured(run=portable(config.parent), allocated_gib=row["run_peak_allocated_gib"],
+            return Measured(run=portable(run.dir), allocated_gib=row["run_peak_allocated_gib"],
                             device_gib=row.get("run_peak_device_gib"), step_s=row.get("step_s_median"),
-                            rss_gib=row.get("run_peak_rss_gib"), reference=portable(results))
+                            rss_gib=row.get("run_peak_rss_gib"), reference=portable(reference))
     return None
 
 

@@ -6,11 +6,12 @@ import argparse
 import time
 from pathlib import Path
 
+from sd3fit import sd3_medium
 from sd3fit.errors import UserError
 from sd3fit.infer import sources
 from sd3fit.infer.generate import Column, Settings
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+DEFAULT_MODEL = sd3_medium.HUB_ID
 
 
 def _common(p: argparse.ArgumentParser) -> None:

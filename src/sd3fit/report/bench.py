@@ -156,7 +156,7 @@ def peak_memory(group: list[dict], heading: str):
     presets = _ordered(r["preset"] for r in group)
     budgets = _ordered(r["budget"] for r in group)
 
-    def shown(preset: str) -> dict | None:
+    def row_for(preset: str) -> dict | None:
         """The uncapped run of a preset where there is one, else its first (e.g. the run under its own card)."""
         runs = [r for r in group if r["preset"] == preset]
         return next((r for r in runs if r["budget"] == "none"), runs[0] if runs else None)
@@ -170,7 +170,7 @@ def peak_memory(group: list[dict], heading: str):
     for i, (key, label) in enumerate(series):
         xs, values, hatches = [], [], []
         for j, preset in enumerate(presets):
-            row = shown(preset)
+            row = row_for(preset)
             if row and row.get(key) is not None:
                 xs.append(j + (i - (len(series) - 1) / 2) * width)
                 values.append(row[key])

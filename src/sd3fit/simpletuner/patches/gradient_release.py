@@ -2,7 +2,7 @@
 
 Upstream (simpletuner 4.10.1): `optimizer_release_gradients` passes `gradient_release=True` to torch-optimi's
 optimizers and registers optimi's hooks (`Trainer.init_optimizer`); the training loop then skips
-`optimizer.step()`. Two things go wrong:
+`optimizer.step()`. Three things go wrong:
 - the loop still clips gradients after backward, when the hooks have already freed them all, and torch's
   `clip_grad_value_` fails on the empty list (`RuntimeError: Expected !nested_tensorlist[0].empty()`): every run
   with the option crashes at its first step;
@@ -14,8 +14,8 @@ This patch (a mixin before `Trainer`) turns upstream's own mechanism off while t
 `sd3fit.lean.release.GradientRelease` on it instead, for every optimizer (torchao's 8-bit AdamW with stochastic
 rounding, SimpleTuner's adamw_bf16, optimi's, torch's). Clipping by value (upstream's default method) moves into
 each parameter's hook, where it is exact; clipping by norm is refused before training (`sd3fit.schema`). The loop's
-own clipping call, which finds no gradient left, is skipped, and grad_absmax is the largest value the hooks saw. Gradient accumulation follows upstream's flag
-(`optimizer.optimizer_accumulation`, set on every micro-step).
+own clipping call, which finds no gradient left, is skipped, and grad_absmax is the largest value the hooks saw.
+Gradient accumulation follows upstream's flag (`optimizer.optimizer_accumulation`, set on every micro-step).
 """
 
 from __future__ import annotations
