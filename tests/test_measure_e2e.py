@@ -280,3 +280,15 @@ def test_digest_names_operators_and_shares(runs):
         assert label in proc.stdout
     assert "range problem" not in proc.stdout
     assert "no profiler traces" in run_sd3fit("digest", str(runs["off"].dir)).stderr
+
+
+def test_result_names_every_part_of_the_run(runs):
+    from sd3fit.measure.phases import NAMES
+
+    for name in ("profiled", "off"):
+        parts = runs[name].read_result()["measure"]["phases"]
+        assert set(parts) == set(NAMES), parts  # the demo loads, caches both, trains, validates and saves
+        assert next(iter(parts)) == "loading"
+        assert all(part["seconds"] >= 0 and part["ooms"] == 0 for part in parts.values())
+        assert parts["training"]["seconds"] > 0 and parts["text_embeds"]["seconds"] > 0
+        assert parts["training"]["peak_reserved_gib"] is None  # a CPU has no allocator peaks to report

@@ -22,7 +22,7 @@ FIELDS = (
     "step_s_median", "step_s_p10", "step_s_p90", "interval_s_median", "images_per_s",
     "model_tflop_per_image", "peak_tflops", "mfu",
     "step_peak_allocated_gib", "step_peak_reserved_gib", "run_peak_allocated_gib", "run_peak_reserved_gib",
-    "outside_allocator_gib", "run_peak_device_gib", "run_peak_rss_gib", "card", "alloc_retries", "parameters", "trainable_parameters", "quantized_modules", "wall_s",
+    "outside_allocator_gib", "run_peak_device_gib", "run_peak_rss_gib", "peak_phase", "phase_reserved_gib", "card", "alloc_retries", "parameters", "trainable_parameters", "quantized_modules", "wall_s",
     "model", "model_label", "run",
     "gpu", "gpu_memory_gib", "driver", "cuda", "cpu", "python", "sd3fit", "simpletuner", "torch", "diffusers",
     "transformers", "peft", "accelerate", "optimum_quanto", "torchao", "bitsandbytes", "torch_optimi", "ram_gib",
@@ -53,11 +53,18 @@ def _status(result: dict | None, log: Path, exit_code: int) -> tuple[str, str | 
     oom = _oom_in_log(log)
     if result.get("out_of_memory") or memory.get("ooms") or oom:
         stage = "the trainer caught it; the run went on to its last step" if result.get("status") == "finished" else "the run stopped"
-        return "out_of_memory", f"{oom or result.get('error') or 'out of memory'} ({stage})"
+        where = f" during {result['oom_phase']}" if result.get("oom_phase") else ""
+        return "out_of_memory", f"{oom or result.get('error') or 'out of memory'}{where} ({stage})"
     if result.get("status") == "finished" and exit_code == 0:
         return "finished", None
     error = result.get("error") or f"the trainer exited with status {exit_code}" + ("" if result else " and wrote no result")
     return "failed", error.splitlines()[0]
+
+
+def _phase_peaks(phases: dict) -> str | None:
+    """Each part of the run's reserved peak, in the order the parts ran: `loading=3.10 text_embeds=5.02 ...`."""
+    shown = [f"{name}={part['peak_reserved_gib']:.2f}" for name, part in phases.items() if part.get("peak_reserved_gib") is not None]
+    return " ".join(shown) or None
 
 
 def from_run(run: Run, exit_code: int, warmup_steps: int, flops_per_image: float | None, peak: float | None) -> dict:
@@ -102,6 +109,8 @@ def from_run(run: Run, exit_code: int, warmup_steps: int, flops_per_image: float
         "run_peak_device_gib": (memory["peak_reserved_gib"] + memory["outside_allocator_gib"])
         if memory.get("peak_reserved_gib") is not None and memory.get("outside_allocator_gib") is not None else None,
         "run_peak_rss_gib": memory.get("peak_rss_gib"),
+        "peak_phase": memory.get("peak_phase"),
+        "phase_reserved_gib": _phase_peaks((result.get("measure") or {}).get("phases") or {}),
         "card": config.get("sd3fit", {}).get("card"),
         "alloc_retries": (values(metrics, "mem/alloc_retries") or [None])[-1],
         "parameters": facts.get("parameters"),

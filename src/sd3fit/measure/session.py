@@ -11,6 +11,7 @@ from typing import Any
 
 from sd3fit.measure import profiler as profiling
 from sd3fit.measure.memory import MemorySnapshots
+from sd3fit.measure.phases import Phases
 from sd3fit.measure.settings import MeasureSettings
 from sd3fit.measure.sink import MetricsSink
 from sd3fit.measure.steps import CudaClock, CudaMemory, HostClock, HostMemory, StepRecorder
@@ -25,11 +26,13 @@ class Measurement:
         self.cuda = torch.cuda.is_available()
         self.device = torch.cuda.get_device_name() if self.cuda else "cpu"
         self.profiler = profiling.make_profiler(settings, self.run_dir, self.cuda)
+        self.memory = CudaMemory(torch) if self.cuda else HostMemory()
+        self.phases = Phases(self.memory, device=self.cuda)
         self.recorder = None
         if settings.step_metrics or self.profiler is not None:
             self.recorder = StepRecorder(
                 clock=CudaClock(torch) if self.cuda else HostClock(),
-                memory=CudaMemory(torch) if self.cuda else HostMemory(),
+                memory=self.memory,
                 samples_per_micro_step=samples_per_micro_step,
                 record_function=torch.profiler.record_function if self.profiler is not None else None,
                 timing=settings.step_metrics,
@@ -57,8 +60,10 @@ class Measurement:
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"device": self.device, "clock": "cuda" if self.cuda else "host"}
+        out["phases"] = self.phases.summary()
         if self.recorder is not None and self.settings.step_metrics:
-            out["memory"] = self.recorder.memory.run_peaks()
+            out["memory"] = self.memory.run_peaks()
+            out["memory"]["peak_phase"] = self.phases.peak_phase()
             out["empty_fetches"] = self.recorder.skipped_fetches
         if self.profiler is not None:
             out["traces"] = [str(p) for p in profiling.traces(self.settings.trace_dir(self.run_dir))]

@@ -14,7 +14,8 @@ training.
 
 Peak memory is torch's caching-allocator peak (allocated and reserved) inside training steps; the counters are
 host-side, so reading them costs no synchronisation either. The peak outside steps (model loading, validation,
-checkpoints) is folded into the run's peak before each step resets the counters.
+checkpoints) is folded into the run's peak before each step resets the counters. Every peak read before a reset is
+also handed to the memory's listener (`sd3fit.measure.phases`), which charges it to the part of the run under way.
 """
 
 from __future__ import annotations
@@ -102,6 +103,14 @@ class _NoClock:
 class HostMemory:
     """No caching allocator on a CPU: report the process's peak resident memory instead."""
 
+    listener = None
+
+    def fold(self) -> None:
+        pass
+
+    def ooms(self) -> int:
+        return 0
+
     def step_start(self) -> None:
         pass
 
@@ -121,6 +130,7 @@ class CudaMemory:
         self._run = {"allocated": 0, "reserved": 0}
         self._outside_steps = {"allocated": 0, "reserved": 0}
         self._outside_allocator: int | None = None
+        self.listener = None  # called with each peak (bytes) read before the counters are reset
 
     def _sample_outside_allocator(self) -> None:
         """Device memory in use that PyTorch's allocator does not hold: the CUDA context, libraries' own buffers
@@ -135,16 +145,27 @@ class CudaMemory:
 
     def _peaks(self) -> dict[str, int]:
         stats = self._cuda.memory_stats()  # one host-side call for both peaks
-        return {"allocated": stats.get("allocated_bytes.all.peak", 0), "reserved": stats.get("reserved_bytes.all.peak", 0)}
+        peaks = {"allocated": stats.get("allocated_bytes.all.peak", 0), "reserved": stats.get("reserved_bytes.all.peak", 0)}
+        if self.listener is not None:
+            self.listener(peaks)
+        return peaks
+
+    def fold(self) -> None:
+        """Count what happened since the last reset for the run (outside steps) and start afresh: called where the
+        run moves from one part to the next."""
+        for key, value in self._peaks().items():
+            self._outside_steps[key] = max(self._outside_steps[key], value)
+            self._run[key] = max(self._run[key], value)
+        self._cuda.reset_peak_memory_stats()
+
+    def ooms(self) -> int:
+        return int(self._cuda.memory_stats().get("num_ooms", 0))
 
     def step_start(self) -> None:
         if self._outside_allocator is None:
             self._sample_outside_allocator()
         # whatever happened since the last step (loading, validation, checkpointing) counts for the run, not the step
-        for key, value in self._peaks().items():
-            self._outside_steps[key] = max(self._outside_steps[key], value)
-            self._run[key] = max(self._run[key], value)
-        self._cuda.reset_peak_memory_stats()
+        self.fold()
 
     def step_end(self) -> dict[str, float]:
         peaks = self._peaks()
