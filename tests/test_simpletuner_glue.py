@@ -12,7 +12,8 @@ from sd3fit import schema
 from sd3fit.errors import UserError
 from sd3fit.simpletuner import compat, launcher
 from sd3fit.measure.sink import MetricsSink
-from sd3fit.simpletuner.patches import cpu_pin_memory, gradient_release, metrics_log, step_measure
+from sd3fit.simpletuner.patches import (cpu_pin_memory, gradient_release, metrics_log, optimizer_offload, phases,
+                                        step_measure, vae_tiles)
 
 
 def test_version_gate_names_both_versions(monkeypatch):
@@ -31,6 +32,13 @@ def test_every_patch_refuses_another_version(monkeypatch):
         step_measure.check(object)
     with pytest.raises(UserError):
         gradient_release.check(object)
+    for check in (optimizer_offload.check, phases.check):
+        with pytest.raises(UserError):
+            check(object)
+    with pytest.raises(UserError):
+        phases.apply(object())
+    with pytest.raises(UserError):
+        vae_tiles.apply(512)
 
 
 def test_launcher_stops_with_one_line_on_a_version_mismatch(monkeypatch, tmp_path, capsys):

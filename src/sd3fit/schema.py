@@ -42,6 +42,16 @@ SD3FIT_KEYS: dict[str, Key] = {
         "The GPU memory the preset is made for, as cards are sold (e.g. 12GB); `sd3fit train lora|full --gpu SIZE` "
         "chooses among presets that name one, by their measured whole-run peaks.",
     ),
+    "offload_optimizer_state": Key(
+        "bool",
+        "Move the optimizer's state to CPU memory while validation images are generated and checkpoints are written, "
+        "and back before the next step: a full fine-tune's validation then fits the memory its training needs.",
+    ),
+    "vae_tile_size": Key(
+        "int",
+        "With vae_enable_tiling, the VAE's tile in pixels (e.g. 512); diffusers tiles SD3's VAE only above 1024 px, so "
+        "at 1024 px tiling saves nothing without it.",
+    ),
     **{name: Key(kind, text) for name, (kind, text) in measure_settings.KEYS.items()},
 }
 
@@ -145,6 +155,10 @@ def _rules(cfg: dict[str, Any]) -> None:
                         "FSDP's shards; turn one of optimizer_release_gradients and fsdp_enable off")
     if get("card") is not None:
         size_gib(get("card"), "option card")
+    tile = get("vae_tile_size")
+    if tile is not None and (tile < 64 or tile % 64):
+        raise UserError(f"option vae_tile_size is the VAE's tile in pixels, a multiple of 64 from 64 up (e.g. 512), "
+                        f"not {tile}")
     measure_settings.check({k: v for k, v in cfg.items() if k in measure_settings.KEYS})
 
 

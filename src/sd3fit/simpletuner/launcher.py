@@ -23,7 +23,7 @@ from sd3fit.errors import UserError
 from sd3fit.measure import settings as measure_settings
 from sd3fit.runs import Run
 from sd3fit.simpletuner import compat
-from sd3fit.simpletuner.patches import cpu_pin_memory, gradient_release, metrics_log, step_measure
+from sd3fit.simpletuner.patches import cpu_pin_memory, gradient_release, metrics_log, optimizer_offload, phases, step_measure, vae_tiles
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 
@@ -32,17 +32,23 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _make_trainer(options: dict, measurement):
+def _make_trainer(options: dict, measurement, own: dict):
     from simpletuner.helpers.training.trainer import Trainer
 
     step_measure.check(Trainer)
     gradient_release.check(Trainer)
+    phases.check(Trainer)
+    optimizer_offload.check(Trainer)
+    phases.apply(measurement.phases)
+    vae_tiles.apply(own.get("vae_tile_size"))
 
-    class SD3FitTrainer(step_measure.MeasuredTrainer, gradient_release.ReleasingTrainer, Trainer):
-        """SimpleTuner's Trainer with sd3fit's per-run metrics, ranges and profiler, and gradient release that
-        works with every optimizer."""
+    class SD3FitTrainer(phases.PhasedTrainer, step_measure.MeasuredTrainer, gradient_release.ReleasingTrainer,
+                        optimizer_offload.OffloadingTrainer, Trainer):
+        """SimpleTuner's Trainer with sd3fit's run phases, per-run metrics, ranges and profiler, gradient release that
+        works with every optimizer, and optimizer state out of the way of validation."""
 
         sd3fit_measurement = measurement
+        sd3fit_offload_optimizer_state = bool(own.get("offload_optimizer_state"))
 
         def init_trackers(self):
             super().init_trackers()
@@ -104,6 +110,18 @@ def _caught_ooms(torch) -> int:
         return 0
 
 
+def _where(measurement, trainer) -> str:
+    """The phase the run is in, with the step during training: what an out-of-memory error reports."""
+    phase = measurement.phases.current
+    if phase == "training" and trainer is not None:
+        return f"training step {int(getattr(trainer, 'state', {}).get('global_step', 0)) + 1}"
+    return phase
+
+
+def _first_oom_phase(measure: dict) -> str | None:
+    return next((name for name, part in measure.get("phases", {}).items() if part.get("ooms")), None)
+
+
 def train(run: Run) -> dict:
     """Train and return the result record (also written to result.json by the main process)."""
     config = run.read_config()
@@ -134,7 +152,7 @@ def train(run: Run) -> dict:
         result["gpu_budget"] = cap_gpu_memory(torch, float(budget))
     measurement = _measurement(run, config)  # before the model loads: memory history covers loading too
     try:
-        trainer = _make_trainer(options, measurement)
+        trainer = _make_trainer(options, measurement, config.get("sd3fit", {}))
         with dynamo_config_context(trainer.config):
             contextvars.copy_context().run(_run_training, trainer)
         try:
@@ -154,6 +172,7 @@ def train(run: Run) -> dict:
         result["error"] = f"SimpleTuner exited ({exc.code}) before finishing; see train.log"
     except torch.OutOfMemoryError as exc:
         result["out_of_memory"] = True
+        result["oom_phase"] = _where(measurement, trainer)
         result["error"] = f"OutOfMemoryError: {str(exc).splitlines()[0]}"
         measurement.on_oom()  # while the failing frames still hold their tensors
         raise
@@ -176,6 +195,7 @@ def train(run: Run) -> dict:
             # exits quietly: the run did not fit even when training finished
             result["out_of_memory"] = True
             result["caught_ooms"] = ooms
+            result.setdefault("oom_phase", _first_oom_phase(result.get("measure", {})) or _where(measurement, trainer))
         if _is_main_process():
             run.result.write_text(json.dumps(result, indent=2) + "\n")
     return result
