@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from sd3fit import fit, host, presets, schema
+from sd3fit import fit, host, presets
 from test_train_e2e import assert_changes_output, base, train  # noqa: F401  (base is a fixture)
 
 STEPS = 50
@@ -65,19 +65,23 @@ def test_every_card_a_preset_claims_is_backed_by_a_benchmark_row_under_that_card
     """The committed benchmark ran this very configuration (SD3 Medium's architecture) under its card's budget, to
     the end, without any out-of-memory error, and its whole-run device peak is below the card's size."""
     loaded = presets.load(preset)
-    found = fit.measured(schema.split(loaded.values)[1])
+    found = fit.measured(loaded.values)
     assert found is not None, f"{preset} has no benchmark row of its configuration"
     card = loaded.values["card"]
     assert found.device_gib is not None and found.fits(host.size_gib(card)), (preset, card, found)
     row = next(json.loads(line) for line in (ROOT / found.reference).read_text().splitlines()
                if found.run.endswith(json.loads(line)["run"].rsplit("/", 1)[-1]))
-    assert row["status"] == "finished" and row["budget"] == card and row["measured_steps"] > 0
+    # measured under its card's budget or a smaller one
+    assert row["status"] == "finished" and host.size_gib(row["budget"]) <= host.size_gib(card) and row["measured_steps"] > 0
 
 
 @pytest.mark.parametrize("preset", card_presets("lora") + card_presets("full"))
 def test_card_preset_trains_like_its_unconstrained_counterpart(tmp_path, preset, references, base, demo_assets):  # noqa: F811
-    kind = presets.read(presets.CONFIG_DIR / f"{preset}.json")["model_type"]
-    run = train(tmp_path, preset, preset, *TINY, f"learning_rate={LEARNING_RATE[kind]}", f"seed={SEEDS[0]}")
+    data = presets.read(presets.CONFIG_DIR / f"{preset}.json")
+    kind = data["model_type"]
+    # RamTorch (text encoders streamed from CPU memory) needs CUDA; on a CPU the encoders already live in CPU memory
+    cpu_only = ("ramtorch=false",) if data.get("ramtorch") and not torch.cuda.is_available() else ()
+    run = train(tmp_path, preset, preset, *TINY, *cpu_only, f"learning_rate={LEARNING_RATE[kind]}", f"seed={SEEDS[0]}")
     result = run.read_result()
     assert result["status"] == "finished" and result["global_step"] == STEPS and not result.get("out_of_memory")
     curve, same_seed, other_seed = losses(run), references[kind][SEEDS[0]], references[kind][SEEDS[1]]

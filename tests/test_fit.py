@@ -106,8 +106,8 @@ def test_an_override_that_makes_another_benchmarked_configuration_is_judged_by_t
 
 # -- choosing the preset for a card (`sd3fit train lora|full --gpu SIZE`) --------------------------------------------
 @pytest.mark.parametrize("kind, card, expected", [
-    ("lora", "24GB", "lora-24gb"), ("lora", "16GB", "lora-24gb"), ("lora", "12GB", "lora-12gb"),
-    ("full", "24GB", "full-24gb"),
+    ("lora", "24GB", "lora-24gb"), ("lora", "16GB", "lora-24gb"), ("lora", "12GB", "lora-12gb"), ("lora", "8GB", "lora-8gb"),
+    ("full", "24GB", "full-24gb"), ("full", "16GB", "full-16gb"), ("full", "12GB", "full-12gb"),
 ])
 def test_the_fastest_measured_preset_that_fits_is_chosen(kind, card, expected):
     assert fit.pick(kind, fit.card(card), []) == expected
@@ -115,9 +115,11 @@ def test_the_fastest_measured_preset_that_fits_is_chosen(kind, card, expected):
 
 def test_a_card_too_small_for_every_preset_names_the_smallest_card_that_works():
     with pytest.raises(UserError) as caught:
-        fit.pick("lora", fit.card("8GB"), [])
-    assert "no lora preset fits a 8GB card (7.45 GiB)" in str(caught.value)
-    assert "the smallest card that works is 12GB (lora-12gb needs 8.93 GiB)" in str(caught.value)
+        fit.pick("lora", fit.card("6GB"), [])
+    assert "no lora preset fits a 6GB card (5.59 GiB)" in str(caught.value)
+    assert "the smallest card that works is 8GB (lora-8gb needs 6.31 GiB)" in str(caught.value)
+    with pytest.raises(UserError, match=r"no full preset fits a 8GB card .* smallest card that works is 12GB"):
+        fit.pick("full", fit.card("8GB"), [])
 
 
 def test_an_override_that_changes_memory_leaves_nothing_to_choose_from():
@@ -130,6 +132,12 @@ def test_a_memory_saving_option_makes_another_configuration():
     for override in ("vae_enable_tiling=false", "gradient_checkpointing_interval=3", "musubi_blocks_to_swap=4",
                      "optimizer_release_gradients=false", "offload_during_startup=false"):
         assert fit.measured(options("lora-12gb" if "release" not in override else "full-24gb", override)) is None, override
+    # sd3fit's own memory keys count too; its other keys do not
+    values = lambda preset, *o: presets.load(preset, list(o)).values  # noqa: E731
+    assert fit.measured(values("full-12gb")) is not None and fit.measured(values("lora-8gb")) is not None
+    assert fit.measured(values("full-12gb", "offload_optimizer_state=false")) is None
+    assert fit.measured(values("lora-8gb", "vae_tile_size=256")) is None
+    assert fit.measured(values("lora-8gb", "card=6GB", "description=mine", "step_metrics=false")) is not None
 
 
 def test_a_local_sd3_medium_folder_is_judged_like_the_hub_id(tmp_path):
@@ -171,8 +179,8 @@ def test_train_chooses_from_the_command_line(tmp_path):
     line = one_line_error(proc)  # chosen, then stopped by the next check: the study's dataset folder is not here
     assert "data/sargent" in line
     assert "sd3fit: lora on a 12GB card (11.18 GiB): lora-12gb, the fastest preset measured to fit" in proc.stdout
-    line = one_line_error(run_sd3fit("train", "full", "--gpu", "12GB", "--runs-dir", str(runs)))
-    assert "no full preset fits a 12GB card (11.18 GiB); the smallest card that works is 24GB" in line
+    line = one_line_error(run_sd3fit("train", "full", "--gpu", "8GB", "--runs-dir", str(runs)))
+    assert "no full preset fits a 8GB card (7.45 GiB); the smallest card that works is 12GB" in line
     assert "--gpu" in one_line_error(run_sd3fit("train", "lora", "--gpu", "twelve", "--runs-dir", str(runs)))
     assert not runs.exists()
 

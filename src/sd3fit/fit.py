@@ -25,9 +25,13 @@ from sd3fit.presets import PROJECT_DIR, portable
 from sd3fit.runs import Run
 
 RESULTS_DIR = PROJECT_DIR / "results"
-# newest first: the first matching row is the one used
+# the first matching row is the one used. Step times rank presets against each other, so files from one machine
+# come first: the card presets' first benchmark, then the later ones for configurations it does not have (their
+# machine stepped about 1.4x slower, so their step times only make them lose a close choice, never win one)
 REFERENCES = (
     RESULTS_DIR / "2026-11-28-cards-h200" / "cards" / "results.jsonl",
+    RESULTS_DIR / "2026-11-28-cards2-h200" / "cards" / "results.jsonl",
+    RESULTS_DIR / "2026-11-28-cards2-h200" / "tiles" / "results.jsonl",
     RESULTS_DIR / "2026-11-28-bench-h200" / "all-presets" / "results-rescanned.jsonl",
 )
 KINDS = ("lora", "full")  # model types `sd3fit train KIND --gpu SIZE` chooses a preset for
@@ -39,6 +43,8 @@ IGNORED = frozenset({
     "validation_prompt", "validation_seed", "validation_guidance", "validation_num_inference_steps",
     "caption_dropout_probability", "lora_alpha", "disable_benchmark", "resume_from_checkpoint", "minimum_image_size",
 })
+# sd3fit's own keys that change memory; its others (description, card, measuring) are left out like IGNORED
+OWN_MEMORY_KEYS = frozenset({"offload_optimizer_state", "vae_tile_size"})
 # options that hold weights in CPU RAM: such a run also needs the host memory it was measured with
 OFFLOAD_KEYS = ("offload_during_startup", "ramtorch", "ramtorch_text_encoder", "musubi_blocks_to_swap")
 
@@ -61,7 +67,14 @@ class Measured:
 
 
 def memory_options(options: dict) -> dict:
-    return {key: value for key, value in options.items() if key not in IGNORED and value is not None}
+    """The options that make a configuration, from a preset's values (SimpleTuner's options and sd3fit's keys)."""
+    own = set(schema.SD3FIT_KEYS) - OWN_MEMORY_KEYS
+    return {key: value for key, value in options.items() if key not in IGNORED and key not in own and value is not None}
+
+
+def _run_options(run: Run) -> dict:
+    config = run.read_config()
+    return {**config["simpletuner"], **{k: v for k, v in config.get("sd3fit", {}).items() if k in OWN_MEMORY_KEYS}}
 
 
 def measured(options: dict, references=REFERENCES) -> Measured | None:
@@ -74,7 +87,7 @@ def measured(options: dict, references=REFERENCES) -> Measured | None:
             if row.get("status") != "finished" or row.get("run_peak_allocated_gib") is None:
                 continue
             run = Run(reference.parent / "runs" / Path(row["run"]).name)
-            if not run.config.is_file() or memory_options(run.read_config()["simpletuner"]) != wanted:
+            if not run.config.is_file() or memory_options(_run_options(run)) != wanted:
                 continue
             return Measured(run=portable(run.dir), allocated_gib=row["run_peak_allocated_gib"],
                             device_gib=row.get("run_peak_device_gib"), step_s=row.get("step_s_median"),
@@ -124,8 +137,7 @@ def pick(kind: str, device: tuple[str, float], overrides: list[str]) -> str:
     """The fastest measured preset of `kind` whose whole-run need is below the GPU's memory."""
     scored = []
     for name in candidates(kind):
-        options = schema.split(presets.load(name, overrides).values)[1]
-        found = measured(options)
+        found = measured(presets.load(name, overrides).values)
         if found is not None:
             scored.append((name, found))
     if not scored:

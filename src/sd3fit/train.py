@@ -56,7 +56,7 @@ def prepare(preset_arg: str | None, overrides: list[str], name: str | None = Non
         ensure_demo_assets(presets.demo_assets_dir())
     own, options = schema.split(preset.values)
     if check_fit:
-        fit.check(preset.name, options, device(gpu), host.ram_gib())
+        fit.check(preset.name, preset.values, device(gpu), host.ram_gib())
     source = hub.check_model(options["pretrained_model_name_or_path"])
     run = runs.plan(runs.runs_root(runs_dir), name, preset.name)
     dataset_dir = own.get("dataset_dir")
