@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,6 +19,12 @@ from sd3fit.errors import UserError
 from sd3fit.launch import CUDA_ALLOC_CONF
 
 
+# Every run writes a checkpoint as `checkpoint-<step>-tmp` and renames it when complete, so a run killed while
+# saving never leaves a half-written checkpoint under a checkpoint's name (`--resume` also skips one without the
+# completion marker, see `runs.last_checkpoint`).
+RUN_DEFAULTS = {"checkpointing_use_tempdir": True}
+
+
 @dataclass
 class Prepared:
     run: runs.Run
@@ -25,6 +32,7 @@ class Prepared:
     model_source: str
     record: dict  # what config.json holds
     backends: list[dict]  # what multidatabackend.json holds
+    named: bool = False  # the user chose the folder's name (--name)
 
 
 def device(gpu: str | None) -> tuple[str, float] | None:
@@ -76,14 +84,26 @@ def prepare(preset_arg: str | None, overrides: list[str], name: str | None = Non
         "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF),
         "sd3fit": own,
         "simpletuner": options,
+        # SimpleTuner options sd3fit sets unless the preset does, kept apart from the preset's own so that matching
+        # a run against benchmarked configurations sees only what the preset chose
+        "defaults": {k: v for k, v in RUN_DEFAULTS.items() if k not in options},
     }
-    return Prepared(run=run, preset=preset, model_source=source, record=record, backends=backends)
+    return Prepared(run=run, preset=preset, model_source=source, record=record, backends=backends, named=name is not None)
+
+
+def _moved(data, old: Path, new: Path):
+    """`data` with every path inside the folder `old` moved into `new`."""
+    inside = re.compile(re.escape(json.dumps(str(old))[1:-1]) + r'(?=[/"])')
+    return json.loads(inside.sub(lambda _: json.dumps(str(new))[1:-1], json.dumps(data)))
 
 
 def write(prepared: Prepared) -> runs.Run:
     """Create the run folder and write the resolved config and dataset definition into it."""
-    run = prepared.run
-    runs.create(run)
+    planned = prepared.run
+    run = runs.create(planned, named=prepared.named)
+    if run != planned:  # another run took the planned folder first: point every path at the one claimed
+        prepared.record, prepared.backends = (_moved(x, planned.dir, run.dir) for x in (prepared.record, prepared.backends))
+        prepared.run = run
     run.datasets.write_text(json.dumps(prepared.backends, indent=2) + "\n")
     run.config.write_text(json.dumps(prepared.record, indent=2) + "\n")
     shutil.copyfile(prepared.preset.path, run.dir / "preset.json")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sd3fit.errors import UserError
 from sd3fit.measure import settings as measure_settings
-from sd3fit.runs import Run
+from sd3fit.runs import Run, last_checkpoint
 from sd3fit.simpletuner import compat
 from sd3fit.simpletuner.patches import cpu_pin_memory, gradient_release, metrics_log, step_measure
 
@@ -91,9 +91,9 @@ def _artifacts(run: Run, options: dict) -> dict[str, str]:
         if (pipeline / "transformer").is_dir():
             found["pipeline"] = str(pipeline)
             found["transformer"] = str(pipeline / "transformer")
-    checkpoints = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
-    if checkpoints:
-        found["last_checkpoint"] = str(checkpoints[-1])
+    checkpoint = last_checkpoint(run)
+    if checkpoint is not None:
+        found["last_checkpoint"] = str(checkpoint.path)
     return found
 
 
@@ -104,10 +104,15 @@ def _caught_ooms(torch) -> int:
         return 0
 
 
+def run_options(config: dict) -> dict:
+    """The options SimpleTuner gets: the run's own over sd3fit's defaults for every run."""
+    return {**config.get("defaults", {}), **config["simpletuner"]}
+
+
 def train(run: Run) -> dict:
     """Train and return the result record (also written to result.json by the main process)."""
     config = run.read_config()
-    options = config["simpletuner"]
+    options = run_options(config)
     compat.require(CHECKED_AGAINST, "sd3fit's launcher")
     cpu_fix = cpu_pin_memory.apply()
 
