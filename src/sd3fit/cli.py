@@ -25,6 +25,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-fit-check", action="store_true",
                    help="train even when the GPU (or the RAM, for offloading presets) has less memory than this "
                         "configuration's measured need")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue this run in its folder from its last complete checkpoint, with its own config "
+                        "(only a longer max_train_steps=N may be given)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,29 +91,64 @@ def _split_config(args) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from sd3fit import launch, train
+    from sd3fit import train
     from sd3fit.runs import shown
 
     started = time.time()
     config, overrides = _split_config(args)
     if args.num_processes < 1:
         raise UserError(f"--num-processes must be 1 or more, not {args.num_processes}")
+    if args.resume:
+        return _resume(args, config, overrides, started)
     chosen, why = train.choose(config, overrides, args.gpu)
     if why:
         print(f"sd3fit: {why}", flush=True)
     prepared = train.prepare(chosen, overrides, name=args.name, runs_dir=args.runs_dir,
                              check_fit=not args.skip_fit_check, gpu=args.gpu)
-    if args.num_processes > 1 and prepared.preset.values.get("optimizer_release_gradients"):
-        # each process would step its own gradient before the processes have averaged them
-        raise UserError("optimizer_release_gradients steps each parameter before the processes have averaged its "
-                        "gradient; train with --num-processes 1 or set optimizer_release_gradients=false")
+    _check_processes(prepared, args.num_processes)
     if args.dry_run:
         print(json.dumps(prepared.record, indent=2))
         print(f"dry run: preset, model and dataset are fine; a run would go to {shown(prepared.run.dir)}")
         return 0
     run = train.write(prepared)
     print(f"sd3fit: training {prepared.preset.path.name} in {shown(run.dir)}", flush=True)
-    code = launch.launch(prepared, num_processes=args.num_processes)
+    return _launch(prepared, args, started)
+
+
+def _check_processes(prepared, num_processes: int) -> None:
+    if num_processes > 1 and prepared.preset.values.get("optimizer_release_gradients"):
+        # each process would step its own gradient before the processes have averaged them
+        raise UserError("optimizer_release_gradients steps each parameter before the processes have averaged its "
+                        "gradient; train with --num-processes 1 or set optimizer_release_gradients=false")
+
+
+def _resume(args, config: str | None, overrides: list[str], started: float) -> int:
+    from sd3fit import resume
+    from sd3fit.runs import shown
+
+    given = [flag for flag, value in (("a preset", config), ("--name", args.name), ("--gpu", args.gpu),
+                                      ("--runs-dir", args.runs_dir)) if value]
+    if given:
+        raise UserError(f"--resume continues a run with its own config and folder; drop {', '.join(given)}")
+    prepared, checkpoint = resume.prepare(args.resume, overrides)
+    _check_processes(prepared, args.num_processes)
+    steps = prepared.record["simpletuner"].get("max_train_steps")
+    if args.dry_run:
+        print(f"dry run: {shown(prepared.run.dir)} would resume from {checkpoint.path.name} (step {checkpoint.step} "
+              f"of {steps})")
+        return 0
+    env = resume.write(prepared, checkpoint)
+    print(f"sd3fit: resuming {shown(prepared.run.dir)} from {checkpoint.path.name} (step {checkpoint.step} of {steps})",
+          flush=True)
+    return _launch(prepared, args, started, env)
+
+
+def _launch(prepared, args, started: float, env: dict[str, str] | None = None) -> int:
+    from sd3fit import launch
+    from sd3fit.runs import shown
+
+    run = prepared.run
+    code = launch.launch(prepared, num_processes=args.num_processes, env=env)
     print(launch.summary(run, time.time() - started))
     if code != 0:
         result = run.read_result() or {}

@@ -19,6 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
+from sd3fit import resume
 from sd3fit.errors import UserError
 from sd3fit.measure import settings as measure_settings
 from sd3fit.runs import Run, last_checkpoint
@@ -114,6 +115,10 @@ def train(run: Run) -> dict:
     config = run.read_config()
     options = run_options(config)
     compat.require(CHECKED_AGAINST, "sd3fit's launcher")
+    resume_from = os.environ.get(resume.RESUME_ENV)
+    if resume_from:
+        # an absolute path: SimpleTuner takes the folder of that name in output_dir, the run's own
+        options["resume_from_checkpoint"] = resume_from
     cpu_fix = cpu_pin_memory.apply()
 
     import multiprocessing
@@ -131,6 +136,10 @@ def train(run: Run) -> dict:
 
     started = time.time()
     result = {"status": "failed", "run": str(run.dir), "cpu_pin_memory_fix": cpu_fix}
+    if resume_from:
+        result["resumed_from"] = resume_from
+        if _is_main_process():
+            resume.tensorboard_purge(run.dir / "tensorboard", resume.checkpoint_step(resume_from))
     trainer = None
     budget = os.environ.get("SD3FIT_GPU_BUDGET_GIB")
     if budget and torch.cuda.is_available():
