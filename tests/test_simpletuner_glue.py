@@ -12,7 +12,7 @@ from sd3fit import schema
 from sd3fit.errors import UserError
 from sd3fit.simpletuner import compat, launcher
 from sd3fit.measure.sink import MetricsSink
-from sd3fit.simpletuner.patches import cpu_pin_memory, gradient_release, metrics_log, step_measure
+from sd3fit.simpletuner.patches import cpu_pin_memory, gradient_release, interrupt, metrics_log, step_measure
 
 
 def test_version_gate_names_both_versions(monkeypatch):
@@ -31,6 +31,10 @@ def test_every_patch_refuses_another_version(monkeypatch):
         step_measure.check(object)
     with pytest.raises(UserError):
         gradient_release.check(object)
+    with pytest.raises(UserError):
+        interrupt.check(object)
+    with pytest.raises(UserError):
+        interrupt.install()
 
 
 def test_launcher_stops_with_one_line_on_a_version_mismatch(monkeypatch, tmp_path, capsys):

@@ -148,10 +148,14 @@ def _launch(prepared, args, started: float, env: dict[str, str] | None = None) -
     from sd3fit.runs import shown
 
     run = prepared.run
-    code = launch.launch(prepared, num_processes=args.num_processes, env=env)
+    code = launch.launch(prepared, num_processes=args.num_processes, env=env, forward_signals=True)
     print(launch.summary(run, time.time() - started))
+    result = run.read_result() or {}
+    if code in (130, 143):
+        where = f"at step {result['global_step']}" if result.get("status") == "interrupted" else "before its result was written"
+        print(f"sd3fit: interrupted {where}; continue with: sd3fit train --resume {shown(run.dir)}", file=sys.stderr)
+        return code
     if code != 0:
-        result = run.read_result() or {}
         # the first line only: SimpleTuner's messages run to many lines, and the log keeps all of them
         reason = (result.get("error") or f"the trainer exited with status {code}").splitlines()[0]
         print(f"sd3fit: error: training failed: {reason}; full log: {shown(run.log)}", file=sys.stderr)

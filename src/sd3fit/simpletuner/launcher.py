@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -24,7 +25,7 @@ from sd3fit.errors import UserError
 from sd3fit.measure import settings as measure_settings
 from sd3fit.runs import Run, last_checkpoint
 from sd3fit.simpletuner import compat
-from sd3fit.simpletuner.patches import cpu_pin_memory, gradient_release, metrics_log, step_measure
+from sd3fit.simpletuner.patches import cpu_pin_memory, gradient_release, interrupt, metrics_log, step_measure
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 
@@ -33,17 +34,20 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _make_trainer(options: dict, measurement):
+def _make_trainer(options: dict, measurement, stop: interrupt.Interrupt | None = None):
     from simpletuner.helpers.training.trainer import Trainer
 
     step_measure.check(Trainer)
     gradient_release.check(Trainer)
+    interrupt.check(Trainer)
 
-    class SD3FitTrainer(step_measure.MeasuredTrainer, gradient_release.ReleasingTrainer, Trainer):
-        """SimpleTuner's Trainer with sd3fit's per-run metrics, ranges and profiler, and gradient release that
-        works with every optimizer."""
+    class SD3FitTrainer(interrupt.InterruptibleTrainer, step_measure.MeasuredTrainer, gradient_release.ReleasingTrainer,
+                        Trainer):
+        """SimpleTuner's Trainer with sd3fit's per-run metrics, ranges and profiler, gradient release that works
+        with every optimizer, and a checkpoint before stopping on SIGINT or SIGTERM."""
 
         sd3fit_measurement = measurement
+        sd3fit_interrupt = stop
 
         def init_trackers(self):
             super().init_trackers()
@@ -115,6 +119,7 @@ def train(run: Run) -> dict:
     config = run.read_config()
     options = run_options(config)
     compat.require(CHECKED_AGAINST, "sd3fit's launcher")
+    stop = interrupt.install()
     resume_from = os.environ.get(resume.RESUME_ENV)
     if resume_from:
         # an absolute path: SimpleTuner takes the folder of that name in output_dir, the run's own
@@ -148,7 +153,7 @@ def train(run: Run) -> dict:
         result["gpu_budget"] = cap_gpu_memory(torch, float(budget))
     measurement = _measurement(run, config)  # before the model loads: memory history covers loading too
     try:
-        trainer = _make_trainer(options, measurement)
+        trainer = _make_trainer(options, measurement, stop)
         with dynamo_config_context(trainer.config):
             contextvars.copy_context().run(_run_training, trainer)
         try:
@@ -171,6 +176,19 @@ def train(run: Run) -> dict:
         result["error"] = f"OutOfMemoryError: {str(exc).splitlines()[0]}"
         measurement.on_oom()  # while the failing frames still hold their tensors
         raise
+    except (StopIteration, KeyboardInterrupt) as exc:
+        if stop.signum is None:
+            result["error"] = f"{type(exc).__name__}: {exc}"
+            raise
+        # stopped by SIGINT/SIGTERM: at a step boundary with a checkpoint saved, or before training began
+        result["status"] = "interrupted"
+        result["signal"] = signal.Signals(stop.signum).name
+        result["global_step"] = int(trainer.state.get("global_step", 0)) if trainer is not None else 0
+        try:
+            if trainer is not None and trainer.accelerator is not None:
+                trainer.accelerator.end_training()  # the trackers' last rows and files, as a finished run has them
+        except Exception as end_exc:  # the checkpoint is saved already; keep the record
+            result["end_training_error"] = f"{type(end_exc).__name__}: {end_exc}"
     except BaseException as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
         raise
@@ -212,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         traceback.print_exc()
         return 1
+    if result["status"] == "interrupted":
+        return 128 + signal.Signals[result["signal"]].value
     if result["status"] != "finished":
         print(f"sd3fit: error: {result.get('error')}", file=sys.stderr)
         return 1
