@@ -1,4 +1,4 @@
-"""The `sd3fit` command: `train`, `demo`, `presets`, `options`, `bench`, `report`, `digest`, `infer`.
+"""The `sd3fit` command: `train`, `demo`, `runs`, `presets`, `options`, `bench`, `report`, `digest`, `infer`.
 
 Bad input ends with one line on stderr, `sd3fit: error: ...`, and exit status 2.
 """
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train the tiny offline demo (config/demo.json)")
     _train_args(p)
+
+    p = sub.add_parser("runs", help="list the run folders: status, steps, last loss, peak GPU memory, weights")
+    p.add_argument("--runs-dir", help="folder that holds the run folders (default: $SD3FIT_RUNS_DIR or ./runs)")
 
     p = sub.add_parser("presets", help="list the presets in config/")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table of the presets' main options")
@@ -183,6 +186,13 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from sd3fit import runlist, runs
+
+    print(runlist.table(runs.runs_root(args.runs_dir)))
+    return 0
+
+
 def cmd_options(args) -> int:
     from sd3fit import schema
 
@@ -287,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         args.config = None
-    handlers = {"train": cmd_train, "demo": cmd_train, "presets": cmd_presets, "options": cmd_options,
+    handlers = {"train": cmd_train, "demo": cmd_train, "runs": cmd_runs, "presets": cmd_presets, "options": cmd_options,
                 "bench": cmd_bench, "report": cmd_report, "digest": cmd_digest, "infer": cmd_infer}
     handler = handlers[args.command]
     try:

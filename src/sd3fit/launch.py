@@ -118,8 +118,16 @@ def launch(prepared: Prepared, num_processes: int = 1, env: dict[str, str] | Non
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), *module]
     else:
         cmd = [sys.executable, *module]
+    run.pid.write_text(f"{os.getpid()}\n")
+    try:
+        return _launch(run, cmd, {**child_env(prepared), **(env or {})}, echo, forward_signals, console)
+    finally:
+        run.pid.unlink(missing_ok=True)
+
+
+def _launch(run: runs.Run, cmd: list[str], env: dict[str, str], echo: bool, forward_signals: bool, console) -> int:
     with run.log.open("ab") as log:
-        proc = subprocess.Popen(cmd, cwd=run.dir, env={**child_env(prepared), **(env or {})}, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, cwd=run.dir, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
         say = console.say if console is not None else (lambda line: print(line, flush=True))
         forwarder = _Forwarder(proc, say) if forward_signals else contextlib.nullcontext()

@@ -38,6 +38,9 @@ def prepare(run_arg: str, overrides: list[str]):
     run = runs.Run(Path(run_arg).expanduser().resolve())
     if not run.config.is_file():
         raise UserError(f"{run_arg} is not a run folder (it has no config.json); give a folder under runs/")
+    busy = run.trainer_pid()
+    if busy:
+        raise UserError(f"{shown(run.dir)} is being trained now (process {busy}); stop that first")
     config = run.read_config()
     options = dict(config["simpletuner"])
     steps = int(options.get("max_train_steps") or 0)

@@ -6,6 +6,7 @@
       train.log              everything the trainer printed
       metrics.jsonl          one JSON object per logged optimizer step
       result.json            how the run ended and what it produced
+      sd3fit.pid             the id of the sd3fit process training it, while it does
       output/                SimpleTuner's output_dir: adapter or pipeline, checkpoints (checkpoint-<step>/)
       cache/                 text-embedding and VAE-latent caches (unless the dataset definition says otherwise)
 """
@@ -39,6 +40,16 @@ class Run:
     result = property(lambda self: self.dir / "result.json")
     output = property(lambda self: self.dir / "output")
     cache = property(lambda self: self.dir / "cache")
+    pid = property(lambda self: self.dir / "sd3fit.pid")  # the sd3fit process training it, while it does
+
+    def trainer_pid(self) -> int | None:
+        """The id of the live sd3fit process that trains this run, or None."""
+        try:
+            pid = int(self.pid.read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
 
     @property
     def name(self) -> str:
