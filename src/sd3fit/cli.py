@@ -12,6 +12,8 @@ import time
 
 from sd3fit.errors import UserError
 
+LOG_TAIL_LINES = 20  # of train.log, shown when training fails
+
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override a preset option, e.g. max_train_steps=200")
@@ -25,6 +27,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-fit-check", action="store_true",
                    help="train even when the GPU (or the RAM, for offloading presets) has less memory than this "
                         "configuration's measured need")
+    p.add_argument("--verbose", action="store_true",
+                   help="show everything the trainer prints (by default only sd3fit's lines and a progress line; "
+                        "the run's train.log always has all of it)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue this run in its folder from its last complete checkpoint, with its own config "
                         "(only a longer max_train_steps=N may be given)")
@@ -150,8 +155,11 @@ def _launch(prepared, args, started: float, env: dict[str, str] | None = None) -
     from sd3fit import launch
     from sd3fit.runs import shown
 
+    from sd3fit.console import Console
+
     run = prepared.run
-    code = launch.launch(prepared, num_processes=args.num_processes, env=env, forward_signals=True)
+    console = None if args.verbose else Console(run.metrics, prepared.record["simpletuner"].get("max_train_steps"))
+    code = launch.launch(prepared, num_processes=args.num_processes, env=env, forward_signals=True, console=console)
     print(launch.summary(run, time.time() - started))
     result = run.read_result() or {}
     if code in (130, 143):
@@ -159,6 +167,8 @@ def _launch(prepared, args, started: float, env: dict[str, str] | None = None) -
         print(f"sd3fit: interrupted {where}; continue with: sd3fit train --resume {shown(run.dir)}", file=sys.stderr)
         return code
     if code != 0:
+        if console is not None:  # what the trainer said last, which the console did not show
+            print("\n".join(launch.log_tail(run, LOG_TAIL_LINES)), file=sys.stderr)
         # the first line only: SimpleTuner's messages run to many lines, and the log keeps all of them
         reason = (result.get("error") or f"the trainer exited with status {code}").splitlines()[0]
         print(f"sd3fit: error: training failed: {reason}; full log: {shown(run.log)}", file=sys.stderr)

@@ -175,6 +175,18 @@ def _copy_output(proc: subprocess.Popen, log, echo: bool, console) -> None:
                 console.tick()
 
 
+def log_tail(run: runs.Run, lines: int) -> list[str]:
+    """The last lines of train.log as a terminal showed them: of a progress bar redrawn with carriage returns, only
+    its last state."""
+    if not run.log.is_file():
+        return []
+    with run.log.open("rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 256 * 1024))
+        text = f.read().decode(errors="replace")
+    shown_lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.splitlines()]
+    return [line for line in shown_lines if line.strip()][-lines:]
+
+
 def summary(run: runs.Run, elapsed: float) -> str:
     result = run.read_result() or {}
     lines = [f"run folder: {shown(run.dir)}"]
