@@ -4,6 +4,7 @@ The run's config.json is its configuration: nothing is chosen or checked again. 
 (`max_train_steps` above the recorded value) or repeat a recorded value; any other change is refused, naming the
 key, before anything is written. Resuming then
 - records the resume in config.json (`resumes`: when, from which checkpoint and step, to how many steps),
+- removes incomplete checkpoints after that one (`checkpoint-<step>-tmp`, or a folder without its completion marker),
 - drops the rows of metrics.jsonl for steps after the checkpoint's (they are trained again, and every step number
   stays in the file once); the launcher tells TensorBoard to drop them too (`tensorboard_purge`),
 - and starts the trainer in the same folder with `resume_from_checkpoint` set to the checkpoint's absolute path
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -87,7 +89,15 @@ def prepare(run_arg: str, overrides: list[str]):
 def write(prepared, checkpoint: runs.Checkpoint) -> dict[str, str]:
     """Record the resume and drop metrics rows past the checkpoint; return the trainer's extra environment."""
     run = prepared.run
+    # incomplete checkpoints after the one resumed from: the steps they were cut off saving are trained again, and
+    # saving them again would fail on the folder left behind
+    stale = [c.path for c in runs.checkpoints(run) if c.step > checkpoint.step and not c.complete]
+    stale += [p for p in run.output.glob("checkpoint-*-tmp") if p.is_dir()]
+    if stale:
+        prepared.record["resumes"][-1]["removed_incomplete"] = sorted(p.name for p in stale)
     _replace(run.config, json.dumps(prepared.record, indent=2) + "\n")
+    for path in stale:
+        shutil.rmtree(path)
     kept = [row for row in run.read_metrics() if row["step"] <= checkpoint.step]
     if run.metrics.is_file():
         _replace(run.metrics, "".join(json.dumps(row) + "\n" for row in kept))

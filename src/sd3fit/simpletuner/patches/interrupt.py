@@ -13,7 +13,7 @@ This patch:
 - `InterruptibleTrainer` (a mixin before `Trainer`) overrides `_exit_on_signal`: at a step boundary with the flag
   set (and no gradient accumulation half done; with several processes the flag is shared first, so all of them
   stop at the same step), it saves a checkpoint of the current step as upstream saves its scheduled ones (clear
-  `-tmp` leftovers, `checkpoint_state_save`) unless the step already has one, then calls `abort()` and lets
+  `-tmp` leftovers, `checkpoint_state_save`) unless the step already has a complete one, then calls `abort()` and lets
   upstream's check raise StopIteration. The launcher records the run as `interrupted`; `sd3fit train --resume`
   continues it from that checkpoint.
 """
@@ -21,8 +21,10 @@ This patch:
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
+from sd3fit.runs import CHECKPOINT_GUARD as GUARD
 from sd3fit.simpletuner import compat
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
@@ -77,9 +79,11 @@ class InterruptibleTrainer:
         if getattr(self.accelerator, "sync_gradients", True) and self._sd3fit_stop_requested() and not self.should_abort:
             step = int(self.state.get("global_step", 0))
             output_dir = self.config.output_dir
-            if step > 0 and not os.path.isdir(os.path.join(output_dir, f"checkpoint-{step}")):
+            path = os.path.join(output_dir, f"checkpoint-{step}")
+            if step > 0 and not os.path.isfile(os.path.join(path, GUARD)):
                 if self.accelerator.is_main_process:
                     self.checkpoint_state_cleanup_temp(output_dir)
+                    shutil.rmtree(path, ignore_errors=True)  # cut off while saving once: the rename would fail on it
                 self.checkpoint_state_save(output_dir)
             self.abort()
         return super()._exit_on_signal()
