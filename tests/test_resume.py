@@ -77,3 +77,16 @@ def test_resuming_records_itself_and_drops_metrics_past_the_checkpoint(tmp_path)
     assert config["simpletuner"]["max_train_steps"] == 12
     assert config["resumes"][0]["checkpoint"] == "checkpoint-6" and config["resumes"][0]["step"] == 6
     assert not run.result.exists()
+
+
+def test_a_trainer_failure_reaches_the_console(tmp_path):
+    # the trainer fails at once (the config lacks every SimpleTuner option it needs): the console, which shows only
+    # sd3fit's lines while training, shows the end of train.log and the error
+    run = fake_run(tmp_path)
+    proc = run_sd3fit("train", "--resume", str(run.dir), timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    log_tail = [line for line in run.log.read_text().splitlines() if line.strip()][-3:]
+    assert all(line in proc.stderr for line in log_tail), (log_tail, proc.stderr)
+    assert proc.stderr.strip().splitlines()[-1].startswith("sd3fit: error: training failed: ")
+    assert f"full log: {run.log}" in proc.stderr
+    assert run.read_result()["status"] == "failed"
