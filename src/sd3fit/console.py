@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 OWN_PREFIX = b"sd3fit"
+STARTING = "starting the trainer: loading the model, caching text embeddings and latents ..."
 
 
 def _clock(seconds: float) -> str:
@@ -57,8 +58,10 @@ class Console:
         self._offset = self.metrics.stat().st_size if self.metrics.is_file() else 0
         self._partial = ""
         self._rows: list[dict] = []
-        self._drawn = ""  # the progress line on screen (terminal only)
+        # the progress line on screen (terminal only); loading and caching come before the first step
+        self._drawn = STARTING if self.tty else ""
         self._printed_tenth = -1
+        self._draw()
 
     def say(self, line: str) -> None:
         """One of sd3fit's own lines, above the progress line."""
