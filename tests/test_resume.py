@@ -41,9 +41,11 @@ def test_changed_options_are_refused_and_nothing_is_written(tmp_path, override, 
     assert tree_snapshot(run.dir) == before
 
 
-def test_a_recorded_value_may_be_repeated(tmp_path):
+def test_a_recorded_value_may_be_repeated_and_a_run_named(tmp_path):
     run = fake_run(tmp_path)
-    proc = run_sd3fit("train", "--resume", str(run.dir), "lora_rank=4", "max_train_steps=12", "--dry-run")
+    # by its name under SD3FIT_RUNS_DIR
+    proc = run_sd3fit("train", "--resume", "r", "lora_rank=4", "max_train_steps=12", "--dry-run",
+                      env={"SD3FIT_RUNS_DIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert "would resume from checkpoint-6 (step 6 of 12)" in proc.stdout
 

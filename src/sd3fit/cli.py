@@ -31,8 +31,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="show everything the trainer prints (by default only sd3fit's lines and a progress line; "
                         "the run's train.log always has all of it)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue this run in its folder from its last complete checkpoint, with its own config "
-                        "(only a longer max_train_steps=N may be given)")
+                   help="continue this run (its folder, or its name under the runs folder) from its last complete "
+                        "checkpoint, with its own config (only a longer max_train_steps=N may be given)")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -37,7 +37,10 @@ def prepare(run_arg: str, overrides: list[str]):
     """A `train.Prepared` for continuing the run in `run_arg`; nothing is written."""
     from sd3fit.train import Prepared
 
-    run = runs.Run(Path(run_arg).expanduser().resolve())
+    path = Path(run_arg).expanduser()
+    if not path.is_dir() and (runs.runs_root() / run_arg).is_dir():
+        path = runs.runs_root() / run_arg  # a run's name: `--resume cats` means runs/cats
+    run = runs.Run(path.resolve())
     if not run.config.is_file():
         raise UserError(f"{run_arg} is not a run folder (it has no config.json); give a folder under runs/")
     busy = run.trainer_pid()
