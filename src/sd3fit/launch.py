@@ -145,6 +145,7 @@ def _launch(run: runs.Run, cmd: list[str], env: dict[str, str], echo: bool, forw
                         terminated = True
             code = proc.wait()
         _end_group(proc)
+        proc.stdout.close()
         if console is not None:
             console.close()
     if forward_signals and forwarder.received and code != 0:
