@@ -1,6 +1,7 @@
-"""Long runs on the tiny SD3, trained for real: one run is killed with SIGKILL right after its second checkpoint,
-left with a half-written checkpoint, stopped by SIGTERM and by SIGINT, and continued with `--resume` each time until
-it finishes with every step logged once and an adapter that loads into diffusers. Also what the demo prints."""
+"""Long runs on the tiny SD3, trained for real: one run's trainer is killed with SIGKILL right after its second
+checkpoint, the run is left with a half-written checkpoint, stopped by SIGTERM and by SIGINT, and sd3fit itself is
+killed; it is continued with `--resume` each time until it finishes with every step logged once and an adapter that
+loads into diffusers. Also what the demo prints."""
 
 import json
 import os
@@ -91,6 +92,21 @@ def test_killed_then_interrupted_twice_then_finished(tmp_path, demo_assets):
         assert logged_steps(run) == list(range(1, result["global_step"] + 1))
         assert f"continue with: sd3fit train --resume {run.dir}" in out
         assert not leftovers(run)
+    # sd3fit itself killed: the trainer gets SIGTERM from Linux and stops with a checkpoint, logging to train.log
+    before = max(logged_steps(run))
+    proc = start("--resume", str(run.dir))
+    wait_for(lambda: max(logged_steps(run) or [0]) > before + 3, proc, "three new steps")
+    proc.kill()
+    finish(proc)
+    deadline = time.time() + 120
+    while (leftovers(run) or run.read_result() is None) and time.time() < deadline:
+        time.sleep(0.2)
+    result = run.read_result()
+    assert result["status"] == "interrupted" and result["signal"] == "SIGTERM" and not leftovers(run), result
+    assert runs.last_checkpoint(run).step == result["global_step"]
+    # what the trainer printed after sd3fit was gone reached train.log too: its clean-up at the end
+    assert "Model components unloaded successfully" in run.log.read_text().rsplit("Loading states from", 1)[1]
+
     first_resume = run.read_config()["resumes"][0]
     assert first_resume["checkpoint"] == f"checkpoint-{resumed_from}"
     assert first_resume["removed_incomplete"] == sorted([half.name, f"checkpoint-{resumed_from + 2}-tmp"])
@@ -100,7 +116,7 @@ def test_killed_then_interrupted_twice_then_finished(tmp_path, demo_assets):
     result = run.read_result()
     assert result["status"] == "finished" and result["global_step"] == STEPS
     assert logged_steps(run) == list(range(1, STEPS + 1))  # every step once
-    assert run.log.read_text().count("Loading states from") == 3  # train.log kept every attempt
+    assert run.log.read_text().count("Loading states from") == 4  # train.log kept every attempt
     assert not leftovers(run)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -119,7 +119,7 @@ def train(run: Run) -> dict:
     config = run.read_config()
     options = run_options(config)
     compat.require(CHECKED_AGAINST, "sd3fit's launcher")
-    stop = interrupt.install()
+    stop = interrupt.install(run.log)
     resume_from = os.environ.get(resume.RESUME_ENV)
     if resume_from:
         # an absolute path: SimpleTuner takes the folder of that name in output_dir, the run's own

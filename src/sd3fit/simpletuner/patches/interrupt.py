@@ -9,7 +9,9 @@ abort signal.")`; nothing is saved on that path.
 
 This patch:
 - `install()`: SIGINT and SIGTERM set a flag. Before the training loop runs (loading, caching: nothing trained can
-  be lost) a signal raises KeyboardInterrupt at once; so does a second signal at any time.
+  be lost) a signal raises KeyboardInterrupt at once; so does a second signal at any time. When the signal is the
+  SIGTERM that sd3fit asks Linux to send if sd3fit dies, the process's output, which went to sd3fit through a pipe,
+  is sent to train.log from then on, so the checkpoint is saved instead of failing on the closed pipe.
 - `InterruptibleTrainer` (a mixin before `Trainer`) overrides `_exit_on_signal`: at a step boundary with the flag
   set (and no gradient accumulation half done; with several processes the flag is shared first, so all of them
   stop at the same step), it saves a checkpoint of the current step as upstream saves its scheduled ones (clear
@@ -23,6 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from pathlib import Path
 
 from sd3fit.runs import CHECKPOINT_GUARD as GUARD
 from sd3fit.simpletuner import compat
@@ -34,11 +37,21 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class Interrupt:
     """Which signal asked the trainer to stop (None: none), and whether the training loop is running."""
 
-    def __init__(self):
+    def __init__(self, log: Path | None = None):
         self.signum: int | None = None
         self.training = False
+        self.log = log
+        self._parent = os.getppid()
 
     def handle(self, signum, frame) -> None:
+        if self.log is not None and os.getppid() != self._parent:
+            # sd3fit, which reads this process's output into train.log, is gone (the SIGTERM it asked Linux to send
+            # when it dies): write to train.log directly, or the next line would fail on the closed pipe
+            fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+            self.log = None
         first = self.signum is None
         self.signum = self.signum or signum
         if not first or not self.training:
@@ -46,9 +59,11 @@ class Interrupt:
         print(f"{signal.Signals(signum).name} received: stopping after this step, saving a checkpoint", flush=True)
 
 
-def install() -> Interrupt:
+def install(log: Path | None = None) -> Interrupt:
+    """Handle SIGINT and SIGTERM from now on; `log`: the file to write to if the process reading this one's output
+    has died."""
     compat.require(CHECKED_AGAINST, __name__)
-    interrupt = Interrupt()
+    interrupt = Interrupt(log)
     for signum in SIGNALS:
         signal.signal(signum, interrupt.handle)
     return interrupt
