@@ -6,10 +6,12 @@ All checks run before the run folder exists, so bad input leaves no trace and to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,44 @@ def choose(preset_arg: str | None, overrides: list[str], gpu: str | None) -> tup
     return chosen, f"{preset_arg} on {found[0]} ({found[1]:.2f} GiB): {chosen}, the fastest preset measured to fit"
 
 
+def _demo_assets() -> None:
+    """Build the demo's model and images on first use; what the libraries print meanwhile (warnings, progress bars)
+    goes to build.log beside them, not to the terminal."""
+    from sd3fit.demo import ensure_demo_assets
+
+    root = presets.demo_assets_dir()
+    if (root / "tiny-sd3" / "model_index.json").is_file() and (root / "shapes").is_dir():
+        ensure_demo_assets(root)
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "build.log"
+    print(f"sd3fit: building the offline demo's tiny model and images (once; log: {runs.shown(log)})", flush=True)
+    with _output_to(log):
+        ensure_demo_assets(root)
+
+
+@contextlib.contextmanager
+def _output_to(path: Path):
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so libraries' own handlers too) to a file."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with path.open("ab") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
 def prepare(preset_arg: str | None, overrides: list[str], name: str | None = None, runs_dir: str | None = None,
             check_fit: bool = True, gpu: str | None = None) -> Prepared:
     """Check preset, GPU memory, model and dataset; plan the run folder but create nothing (see `write`).
@@ -59,9 +99,7 @@ def prepare(preset_arg: str | None, overrides: list[str], name: str | None = Non
     names the card to fit instead of the one nvidia-smi finds."""
     preset = presets.load(preset_arg, overrides)
     if preset.uses_demo:
-        from sd3fit.demo import ensure_demo_assets
-
-        ensure_demo_assets(presets.demo_assets_dir())
+        _demo_assets()
     own, options = schema.split(preset.values)
     if check_fit:
         fit.check(preset.name, options, device(gpu), host.ram_gib())
