@@ -183,7 +183,7 @@ def train(run: Run) -> dict:
         # stopped by SIGINT/SIGTERM: at a step boundary with a checkpoint saved, or before training began
         result["status"] = "interrupted"
         result["signal"] = signal.Signals(stop.signum).name
-        result["global_step"] = int(trainer.state.get("global_step", 0)) if trainer is not None else 0
+        result["global_step"] = int((getattr(trainer, "state", None) or {}).get("global_step", 0))
         try:
             if trainer is not None and trainer.accelerator is not None:
                 trainer.accelerator.end_training()  # the trackers' last rows and files, as a finished run has them
