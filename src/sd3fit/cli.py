@@ -163,8 +163,12 @@ def _launch(prepared, args, started: float, env: dict[str, str] | None = None) -
     print(launch.summary(run, time.time() - started))
     result = run.read_result() or {}
     if code in (130, 143):
-        where = f"at step {result['global_step']}" if result.get("status") == "interrupted" else "before its result was written"
-        print(f"sd3fit: interrupted {where}; continue with: sd3fit train --resume {shown(run.dir)}", file=sys.stderr)
+        from sd3fit.runs import last_checkpoint
+
+        where = f"at step {result['global_step']}" if result.get("status") == "interrupted" else "before the trainer wrote a result"
+        then = (f"continue with: sd3fit train --resume {shown(run.dir)}" if last_checkpoint(run) is not None
+                else "it has no checkpoint to continue from")
+        print(f"sd3fit: interrupted {where}; {then}", file=sys.stderr)
         return code
     if code != 0:
         if console is not None:  # what the trainer said last, which the console did not show

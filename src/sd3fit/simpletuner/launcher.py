@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"sd3fit: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # SIGINT or SIGTERM while starting up (see patches.interrupt): nothing trained yet
+        print("stopped before training began", file=sys.stderr)
+        return 130
     except BaseException:
         traceback.print_exc()
         return 1
