@@ -165,7 +165,8 @@ def _launch(prepared, args, started: float, env: dict[str, str] | None = None) -
     if code in (130, 143):
         from sd3fit.runs import last_checkpoint
 
-        where = f"at step {result['global_step']}" if result.get("status") == "interrupted" else "before the trainer wrote a result"
+        interrupted = result.get("status") == "interrupted"
+        where = f"at step {result['global_step']}" if interrupted else "before the trainer wrote a result"
         then = (f"continue with: sd3fit train --resume {shown(run.dir)}" if last_checkpoint(run) is not None
                 else "it has no checkpoint to continue from")
         print(f"sd3fit: interrupted {where}; {then}", file=sys.stderr)
