@@ -12,8 +12,8 @@ from sd3fit import schema
 from sd3fit.errors import UserError
 from sd3fit.simpletuner import compat, launcher
 from sd3fit.measure.sink import MetricsSink
-from sd3fit.simpletuner.patches import (cpu_pin_memory, gradient_release, metrics_log, optimizer_offload, phases,
-                                        step_measure, vae_tiles)
+from sd3fit.simpletuner.patches import (cpu_pin_memory, gradient_release, interrupt, metrics_log, optimizer_offload,
+                                        phases, step_measure, vae_tiles)
 
 
 def test_version_gate_names_both_versions(monkeypatch):
@@ -39,6 +39,10 @@ def test_every_patch_refuses_another_version(monkeypatch):
         phases.apply(object())
     with pytest.raises(UserError):
         vae_tiles.apply(512)
+    with pytest.raises(UserError):
+        interrupt.check(object)
+    with pytest.raises(UserError):
+        interrupt.install()
 
 
 def test_launcher_stops_with_one_line_on_a_version_mismatch(monkeypatch, tmp_path, capsys):
@@ -157,3 +161,71 @@ def test_released_gradients_are_clipped_as_upstream_would(config, expected):
     from types import SimpleNamespace
 
     assert gradient_release.clip_value(SimpleNamespace(**config)) == expected
+
+
+class _Upstream:
+    """Stands in for SimpleTuner's Trainer: records checkpoint saves and aborts."""
+
+    def __init__(self, output_dir, step, sync=True):
+        self.config = type("C", (), {"output_dir": str(output_dir)})()
+        self.state = {"global_step": step}
+        self.accelerator = type("A", (), {"sync_gradients": sync, "is_main_process": True, "num_processes": 1})()
+        self.should_abort = False
+        self.calls = []
+
+    def _exit_on_signal(self):
+        if self.should_abort:
+            raise StopIteration("Training run received abort signal.")
+
+    def abort(self):
+        self.calls.append("abort")
+        self.should_abort = True
+
+    def checkpoint_state_cleanup_temp(self, output_dir):
+        self.calls.append("cleanup")
+
+    def checkpoint_state_save(self, output_dir):
+        self.calls.append(f"save {self.state['global_step']}")
+
+
+class _Trainer(interrupt.InterruptibleTrainer, _Upstream):
+    pass
+
+
+@pytest.mark.parametrize("signalled, sync, existing, calls", [
+    (False, True, None, []),  # no signal: upstream's check only
+    (True, False, None, None),  # gradient accumulation half done: not a step boundary yet
+    (True, True, None, ["cleanup", "save 5", "abort"]),
+    (True, True, "complete", ["abort"]),  # the step's scheduled checkpoint is there already
+    (True, True, "half", ["cleanup", "save 5", "abort"]),  # a half-written one of this step is replaced
+])
+def test_interrupt_saves_a_checkpoint_at_a_step_boundary_then_aborts(tmp_path, signalled, sync, existing, calls):
+    trainer = _Trainer(tmp_path, step=5, sync=sync)
+    trainer.sd3fit_interrupt = interrupt.Interrupt()
+    if signalled:
+        trainer.sd3fit_interrupt.signum = 2
+    if existing:
+        (tmp_path / "checkpoint-5").mkdir()
+        if existing == "complete":
+            (tmp_path / "checkpoint-5" / ".guard").write_text("complete\n")
+    if calls and "abort" in calls:
+        with pytest.raises(StopIteration):
+            trainer._exit_on_signal()
+        assert trainer.calls == calls
+        assert (tmp_path / "checkpoint-5").exists() == (existing == "complete")  # a half one was removed first
+    else:
+        trainer._exit_on_signal()
+        assert trainer.calls == []
+
+
+def test_interrupt_signal_before_training_or_twice_stops_at_once():
+    stop = interrupt.Interrupt()
+    with pytest.raises(KeyboardInterrupt):
+        stop.handle(15, None)  # while loading: nothing trained to keep
+    stop = interrupt.Interrupt()
+    stop.training = True
+    stop.handle(15, None)
+    assert stop.signum == 15
+    with pytest.raises(KeyboardInterrupt):
+        stop.handle(2, None)
+    assert stop.signum == 15

@@ -1,4 +1,4 @@
-"""The `sd3fit` command: `train`, `demo`, `presets`, `options`, `bench`, `report`, `digest`, `infer`.
+"""The `sd3fit` command: `train`, `demo`, `runs`, `presets`, `options`, `bench`, `report`, `digest`, `infer`.
 
 Bad input ends with one line on stderr, `sd3fit: error: ...`, and exit status 2.
 """
@@ -11,6 +11,8 @@ import sys
 import time
 
 from sd3fit.errors import UserError
+
+LOG_TAIL_LINES = 20  # of train.log, shown when training fails
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -25,6 +27,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-fit-check", action="store_true",
                    help="train even when the GPU (or the RAM, for offloading presets) has less memory than this "
                         "configuration's measured need")
+    p.add_argument("--verbose", action="store_true",
+                   help="show everything the trainer prints (by default only sd3fit's lines and a progress line; "
+                        "the run's train.log always has all of it)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue this run (its folder, or its name under the runs folder) from its last complete "
+                        "checkpoint, with its own config (only a longer max_train_steps=N may be given)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train the tiny offline demo (config/demo.json)")
     _train_args(p)
+
+    p = sub.add_parser("runs", help="list the run folders: status, steps, last loss, peak GPU memory, weights")
+    p.add_argument("--runs-dir", help="folder that holds the run folders (default: $SD3FIT_RUNS_DIR or ./runs)")
 
     p = sub.add_parser("presets", help="list the presets in config/")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table of the presets' main options")
@@ -88,32 +99,81 @@ def _split_config(args) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from sd3fit import launch, train
+    from sd3fit import train
     from sd3fit.runs import shown
 
     started = time.time()
     config, overrides = _split_config(args)
     if args.num_processes < 1:
         raise UserError(f"--num-processes must be 1 or more, not {args.num_processes}")
+    if args.resume:
+        return _resume(args, config, overrides, started)
     chosen, why = train.choose(config, overrides, args.gpu)
     if why:
         print(f"sd3fit: {why}", flush=True)
     prepared = train.prepare(chosen, overrides, name=args.name, runs_dir=args.runs_dir,
                              check_fit=not args.skip_fit_check, gpu=args.gpu)
-    if args.num_processes > 1 and prepared.preset.values.get("optimizer_release_gradients"):
-        # each process would step its own gradient before the processes have averaged them
-        raise UserError("optimizer_release_gradients steps each parameter before the processes have averaged its "
-                        "gradient; train with --num-processes 1 or set optimizer_release_gradients=false")
+    _check_processes(prepared, args.num_processes)
     if args.dry_run:
         print(json.dumps(prepared.record, indent=2))
         print(f"dry run: preset, model and dataset are fine; a run would go to {shown(prepared.run.dir)}")
         return 0
     run = train.write(prepared)
     print(f"sd3fit: training {prepared.preset.path.name} in {shown(run.dir)}", flush=True)
-    code = launch.launch(prepared, num_processes=args.num_processes)
+    return _launch(prepared, args, started)
+
+
+def _check_processes(prepared, num_processes: int) -> None:
+    if num_processes > 1 and prepared.preset.values.get("optimizer_release_gradients"):
+        # each process would step its own gradient before the processes have averaged them
+        raise UserError("optimizer_release_gradients steps each parameter before the processes have averaged its "
+                        "gradient; train with --num-processes 1 or set optimizer_release_gradients=false")
+
+
+def _resume(args, config: str | None, overrides: list[str], started: float) -> int:
+    from sd3fit import resume
+    from sd3fit.runs import shown
+
+    given = [flag for flag, value in (("a preset", config), ("--name", args.name), ("--gpu", args.gpu),
+                                      ("--runs-dir", args.runs_dir)) if value]
+    if given:
+        raise UserError(f"--resume continues a run with its own config and folder; drop {', '.join(given)}")
+    prepared, checkpoint = resume.prepare(args.resume, overrides)
+    _check_processes(prepared, args.num_processes)
+    steps = prepared.record["simpletuner"].get("max_train_steps")
+    if args.dry_run:
+        print(f"dry run: {shown(prepared.run.dir)} would resume from {checkpoint.path.name} (step {checkpoint.step} "
+              f"of {steps})")
+        return 0
+    env = resume.write(prepared, checkpoint)
+    print(f"sd3fit: resuming {shown(prepared.run.dir)} from {checkpoint.path.name} (step {checkpoint.step} of {steps})",
+          flush=True)
+    return _launch(prepared, args, started, env)
+
+
+def _launch(prepared, args, started: float, env: dict[str, str] | None = None) -> int:
+    from sd3fit import launch
+    from sd3fit.runs import shown
+
+    from sd3fit.console import Console
+
+    run = prepared.run
+    console = None if args.verbose else Console(run.metrics, prepared.record["simpletuner"].get("max_train_steps"))
+    code = launch.launch(prepared, num_processes=args.num_processes, env=env, forward_signals=True, console=console)
     print(launch.summary(run, time.time() - started))
+    result = run.read_result() or {}
+    if code in (130, 143):
+        from sd3fit.runs import last_checkpoint
+
+        interrupted = result.get("status") == "interrupted"
+        where = f"at step {result['global_step']}" if interrupted else "before the trainer wrote a result"
+        then = (f"continue with: sd3fit train --resume {shown(run.dir)}" if last_checkpoint(run) is not None
+                else "it has no checkpoint to continue from")
+        print(f"sd3fit: interrupted {where}; {then}", file=sys.stderr)
+        return code
     if code != 0:
-        result = run.read_result() or {}
+        if console is not None:  # what the trainer said last, which the console did not show
+            print("\n".join(launch.log_tail(run, LOG_TAIL_LINES)), file=sys.stderr)
         # the first line only: SimpleTuner's messages run to many lines, and the log keeps all of them
         reason = (result.get("error") or f"the trainer exited with status {code}").splitlines()[0]
         print(f"sd3fit: error: training failed: {reason}; full log: {shown(run.log)}", file=sys.stderr)
@@ -138,6 +198,13 @@ def cmd_presets(args) -> int:
             data = {k: v for k, v in data.items() if k != "lora_rank"}  # a rank means nothing without LoRA
         cells = [str(data.get(c, "")) for c in columns]
         print(f"| `{name}` | " + " | ".join(cells) + f" | {data.get('description', '')} |")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from sd3fit import runlist, runs
+
+    print(runlist.table(runs.runs_root(args.runs_dir)))
     return 0
 
 
@@ -245,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         args.config = None
-    handlers = {"train": cmd_train, "demo": cmd_train, "presets": cmd_presets, "options": cmd_options,
+    handlers = {"train": cmd_train, "demo": cmd_train, "runs": cmd_runs, "presets": cmd_presets, "options": cmd_options,
                 "bench": cmd_bench, "report": cmd_report, "digest": cmd_digest, "infer": cmd_infer}
     handler = handlers[args.command]
     try:

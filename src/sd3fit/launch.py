@@ -6,7 +6,10 @@ goes to train.log and the console.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import selectors
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,27 +51,141 @@ def _wandb_credentials(env: dict[str, str]) -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def launch(prepared: Prepared, num_processes: int = 1, env: dict[str, str] | None = None, echo: bool = True) -> int:
-    """Run the launcher, copying its output to train.log (and to the console with `echo`); return its exit code.
-    `env` adds variables for the trainer's process (the benchmark's memory cap)."""
+def _die_with_parent() -> None:
+    """In the trainer's process, before it starts: Linux sends it SIGTERM if sd3fit dies first (even by SIGKILL), so
+    it saves a checkpoint and stops instead of training on unattended."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of the trainer's process group (data workers it forked, say)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _Forwarder:
+    """While the trainer runs: the first SIGINT or SIGTERM is passed on to it (it stops at the next step with a
+    checkpoint); a second ends its whole process group at once."""
+
+    def __init__(self, proc: subprocess.Popen, say):
+        self.proc, self.say = proc, say
+        self.received: list[int] = []
+        self._old = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._old[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
+
+    def handle(self, signum, frame) -> None:
+        self.received.append(signum)
+        if len(self.received) == 1:
+            self.say(f"sd3fit: {signal.Signals(signum).name}: the trainer stops after this step and saves a "
+                     "checkpoint; press Ctrl-C again to stop at once")
+            try:
+                self.proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+        else:
+            self.say("sd3fit: stopping at once")
+            _end_group(self.proc)
+
+
+def launch(prepared: Prepared, num_processes: int = 1, env: dict[str, str] | None = None, echo: bool = True,
+           forward_signals: bool = False, console=None) -> int:
+    """Run the launcher, copying its output to train.log (and to the console with `echo`, or through `console`,
+    which shows less); return its exit code. `env` adds variables for the trainer's process (the benchmark's memory
+    cap, the checkpoint to resume from).
+
+    The trainer runs in a process group of its own, so a Ctrl-C at the terminal reaches sd3fit only. A
+    KeyboardInterrupt here sends it SIGTERM; with `forward_signals`, SIGINT and SIGTERM are passed on as they came
+    (a second one kills it) and the return value is 128 + the signal's number unless training finished anyway.
+    Whatever the trainer leaves running in its group when it exits is killed."""
     run = prepared.run
     module = ["-m", "sd3fit.simpletuner.launcher", str(run.dir)]
     if num_processes > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), *module]
     else:
         cmd = [sys.executable, *module]
+    run.pid.write_text(f"{os.getpid()}\n")
+    try:
+        return _launch(run, cmd, {**child_env(prepared), **(env or {})}, echo, forward_signals, console)
+    finally:
+        run.pid.unlink(missing_ok=True)
+
+
+def _launch(run: runs.Run, cmd: list[str], env: dict[str, str], echo: bool, forward_signals: bool, console) -> int:
     with run.log.open("ab") as log:
-        proc = subprocess.Popen(cmd, cwd=run.dir, env={**child_env(prepared), **(env or {})}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
-        try:
-            for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+        proc = subprocess.Popen(cmd, cwd=run.dir, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+        say = console.say if console is not None else (lambda line: print(line, flush=True))
+        forwarder = _Forwarder(proc, say) if forward_signals else contextlib.nullcontext()
+        with forwarder:
+            terminated = False
+            while True:
+                try:
+                    _copy_output(proc, log, echo, console)
+                    break
+                except KeyboardInterrupt:
+                    if terminated:
+                        _end_group(proc)
+                    else:
+                        proc.terminate()
+                        terminated = True
+            code = proc.wait()
+        _end_group(proc)
+        proc.stdout.close()
+        if console is not None:
+            console.close()
+    if forward_signals and forwarder.received and code != 0:
+        return 128 + forwarder.received[0]
+    return code
+
+
+def _copy_output(proc: subprocess.Popen, log, echo: bool, console) -> None:
+    """Copy the trainer's output until its end; once the trainer has exited, what it left running is ended, so
+    nothing holds the pipe open."""
+    fd = proc.stdout.fileno()
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            if selector.select(timeout=0.5):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return
                 log.write(chunk)
-                if echo:
+                if console is not None:
+                    console.feed(chunk)
+                elif echo:
                     sys.stdout.buffer.write(chunk)
                     sys.stdout.buffer.flush()
-        except KeyboardInterrupt:
-            proc.terminate()
-        return proc.wait()
+            elif proc.poll() is not None:
+                _end_group(proc)
+            if console is not None:
+                console.tick()
+
+
+def log_tail(run: runs.Run, lines: int) -> list[str]:
+    """The last lines of train.log as a terminal showed them: of a progress bar redrawn with carriage returns, only
+    its last state."""
+    if not run.log.is_file():
+        return []
+    with run.log.open("rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 256 * 1024))
+        text = f.read().decode(errors="replace")
+    shown_lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.splitlines()]
+    return [line for line in shown_lines if line.strip()][-lines:]
 
 
 def summary(run: runs.Run, elapsed: float) -> str:

@@ -6,7 +6,8 @@
       train.log              everything the trainer printed
       metrics.jsonl          one JSON object per logged optimizer step
       result.json            how the run ended and what it produced
-      output/                SimpleTuner's output_dir: adapter or pipeline, checkpoints
+      sd3fit.pid             the id of the sd3fit process training it, while it does
+      output/                SimpleTuner's output_dir: adapter or pipeline, checkpoints (checkpoint-<step>/)
       cache/                 text-embedding and VAE-latent caches (unless the dataset definition says otherwise)
 """
 
@@ -39,6 +40,16 @@ class Run:
     result = property(lambda self: self.dir / "result.json")
     output = property(lambda self: self.dir / "output")
     cache = property(lambda self: self.dir / "cache")
+    pid = property(lambda self: self.dir / "sd3fit.pid")  # the sd3fit process training it, while it does
+
+    def trainer_pid(self) -> int | None:
+        """The id of the live sd3fit process that trains this run, or None."""
+        try:
+            pid = int(self.pid.read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
 
     @property
     def name(self) -> str:
@@ -102,14 +113,82 @@ def plan(root: Path, name: str | None, preset_name: str) -> Run:
     return Run(candidate)
 
 
-def create(run: Run) -> None:
-    """Create the folder; fail rather than share it with another run started at the same moment."""
+def create(run: Run, named: bool = True) -> Run:
+    """Create the folder and return the run that owns it; never share a folder with another run started at the same
+    moment. A generated name (`named=False`) is claimed by `mkdir`, which only one process can win; the loser moves
+    on to the next free suffix (`<name>-2`, `<name>-3`, ...). A folder the user named may already exist empty; it
+    is claimed by creating its config.json exclusively, and the loser is refused."""
     run.dir.parent.mkdir(parents=True, exist_ok=True)
+    if not named:
+        base, n = run.dir.name, 2
+        while True:
+            try:
+                run.dir.mkdir()
+                return run
+            except FileExistsError:
+                run, n = Run(run.dir.parent / f"{base}-{n}"), n + 1
+    run.dir.mkdir(exist_ok=True)
     try:
-        run.dir.mkdir()
+        run.config.open("x").close()  # written in full by the caller next
     except FileExistsError:
-        if any(run.dir.iterdir()):
-            raise UserError(f"run folder {run.dir} already holds a run; choose another --name") from None
+        raise UserError(f"run folder {run.dir} already holds a run; choose another --name") from None
+    if any(p.name != run.config.name for p in run.dir.iterdir()):
+        run.config.unlink()
+        raise UserError(f"run folder {run.dir} already holds a run; choose another --name")
+    return run
+
+
+# SimpleTuner 4.10.1 (helpers/utils/checkpoint_manager.py) writes this file last into a checkpoint being saved, after
+# the weights, optimizer state and manifest; with checkpointing_use_tempdir the folder is then renamed from
+# `checkpoint-<step>-tmp`. A checkpoint without it was cut off while saving.
+CHECKPOINT_GUARD = ".guard"
+CHECKPOINT_MANIFEST = "checkpoint_manifest.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Path
+    problem: str | None  # None when complete
+
+    @property
+    def complete(self) -> bool:
+        return self.problem is None
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    if not (path / CHECKPOINT_GUARD).is_file():
+        return f"no {CHECKPOINT_GUARD} file: saving was cut off"
+    manifest = path / CHECKPOINT_MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text()).get("files", [])
+        except (json.JSONDecodeError, AttributeError):
+            return f"{CHECKPOINT_MANIFEST} is damaged"
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            return f"{len(missing)} file(s) listed in {CHECKPOINT_MANIFEST} are missing, e.g. {missing[0]}"
+    return None
+
+
+def checkpoints(run: Run) -> list[Checkpoint]:
+    """The run's step checkpoints (`output/checkpoint-<step>`), oldest first, each marked complete or not. Folders
+    still being written (`checkpoint-<step>-tmp`) and other suffixes (`-rolling`) are not listed."""
+    if not run.output.is_dir():
+        return []
+    found = []
+    for path in run.output.iterdir():
+        match = _CHECKPOINT.match(path.name)
+        if match and path.is_dir():
+            found.append(Checkpoint(int(match.group(1)), path, _checkpoint_problem(path)))
+    return sorted(found, key=lambda c: c.step)
+
+
+def last_checkpoint(run: Run) -> Checkpoint | None:
+    """The complete checkpoint of the highest step, or None."""
+    complete = [c for c in checkpoints(run) if c.complete]
+    return complete[-1] if complete else None
 
 
 def shown(path) -> str:

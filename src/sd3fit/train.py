@@ -6,9 +6,12 @@ All checks run before the run folder exists, so bad input leaves no trace and to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,12 @@ from sd3fit.errors import UserError
 from sd3fit.launch import CUDA_ALLOC_CONF
 
 
+# Every run writes a checkpoint as `checkpoint-<step>-tmp` and renames it when complete, so a run killed while
+# saving never leaves a half-written checkpoint under a checkpoint's name (`--resume` also skips one without the
+# completion marker, see `runs.last_checkpoint`).
+RUN_DEFAULTS = {"checkpointing_use_tempdir": True}
+
+
 @dataclass
 class Prepared:
     run: runs.Run
@@ -25,6 +34,7 @@ class Prepared:
     model_source: str
     record: dict  # what config.json holds
     backends: list[dict]  # what multidatabackend.json holds
+    named: bool = False  # the user chose the folder's name (--name)
 
 
 def device(gpu: str | None) -> tuple[str, float] | None:
@@ -44,6 +54,44 @@ def choose(preset_arg: str | None, overrides: list[str], gpu: str | None) -> tup
     return chosen, f"{preset_arg} on {found[0]} ({found[1]:.2f} GiB): {chosen}, the fastest preset measured to fit"
 
 
+def _demo_assets() -> None:
+    """Build the demo's model and images on first use; what the libraries print meanwhile (warnings, progress bars)
+    goes to build.log beside them, not to the terminal."""
+    from sd3fit.demo import ensure_demo_assets
+
+    root = presets.demo_assets_dir()
+    if (root / "tiny-sd3" / "model_index.json").is_file() and (root / "shapes").is_dir():
+        ensure_demo_assets(root)
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "build.log"
+    print(f"sd3fit: building the offline demo's tiny model and images (once; log: {runs.shown(log)})", flush=True)
+    with _output_to(log):
+        ensure_demo_assets(root)
+
+
+@contextlib.contextmanager
+def _output_to(path: Path):
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so libraries' own handlers too) to a file."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with path.open("ab") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
 def prepare(preset_arg: str | None, overrides: list[str], name: str | None = None, runs_dir: str | None = None,
             check_fit: bool = True, gpu: str | None = None) -> Prepared:
     """Check preset, GPU memory, model and dataset; plan the run folder but create nothing (see `write`).
@@ -51,9 +99,7 @@ def prepare(preset_arg: str | None, overrides: list[str], name: str | None = Non
     names the card to fit instead of the one nvidia-smi finds."""
     preset = presets.load(preset_arg, overrides)
     if preset.uses_demo:
-        from sd3fit.demo import ensure_demo_assets
-
-        ensure_demo_assets(presets.demo_assets_dir())
+        _demo_assets()
     own, options = schema.split(preset.values)
     if check_fit:
         fit.check(preset.name, preset.values, device(gpu), host.ram_gib())
@@ -76,14 +122,26 @@ def prepare(preset_arg: str | None, overrides: list[str], name: str | None = Non
         "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF),
         "sd3fit": own,
         "simpletuner": options,
+        # SimpleTuner options sd3fit sets unless the preset does, kept apart from the preset's own so that matching
+        # a run against benchmarked configurations sees only what the preset chose
+        "defaults": {k: v for k, v in RUN_DEFAULTS.items() if k not in options},
     }
-    return Prepared(run=run, preset=preset, model_source=source, record=record, backends=backends)
+    return Prepared(run=run, preset=preset, model_source=source, record=record, backends=backends, named=name is not None)
+
+
+def _moved(data, old: Path, new: Path):
+    """`data` with every path inside the folder `old` moved into `new`."""
+    inside = re.compile(re.escape(json.dumps(str(old))[1:-1]) + r'(?=[/"])')
+    return json.loads(inside.sub(lambda _: json.dumps(str(new))[1:-1], json.dumps(data)))
 
 
 def write(prepared: Prepared) -> runs.Run:
     """Create the run folder and write the resolved config and dataset definition into it."""
-    run = prepared.run
-    runs.create(run)
+    planned = prepared.run
+    run = runs.create(planned, named=prepared.named)
+    if run != planned:  # another run took the planned folder first: point every path at the one claimed
+        prepared.record, prepared.backends = (_moved(x, planned.dir, run.dir) for x in (prepared.record, prepared.backends))
+        prepared.run = run
     run.datasets.write_text(json.dumps(prepared.backends, indent=2) + "\n")
     run.config.write_text(json.dumps(prepared.record, indent=2) + "\n")
     shutil.copyfile(prepared.preset.path, run.dir / "preset.json")

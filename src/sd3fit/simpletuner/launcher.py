@@ -14,16 +14,19 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import signal
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from sd3fit import resume
 from sd3fit.errors import UserError
 from sd3fit.measure import settings as measure_settings
-from sd3fit.runs import Run
+from sd3fit.runs import Run, last_checkpoint
 from sd3fit.simpletuner import compat
-from sd3fit.simpletuner.patches import cpu_pin_memory, gradient_release, metrics_log, optimizer_offload, phases, step_measure, vae_tiles
+from sd3fit.simpletuner.patches import (cpu_pin_memory, gradient_release, interrupt, metrics_log, optimizer_offload,
+                                        phases, step_measure, vae_tiles)
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 
@@ -32,23 +35,26 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _make_trainer(options: dict, measurement, own: dict):
+def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interrupt | None = None):
     from simpletuner.helpers.training.trainer import Trainer
 
     step_measure.check(Trainer)
     gradient_release.check(Trainer)
+    interrupt.check(Trainer)
     phases.check(Trainer)
     optimizer_offload.check(Trainer)
     phases.apply(measurement.phases)
     vae_tiles.apply(own.get("vae_tile_size"))
 
-    class SD3FitTrainer(phases.PhasedTrainer, step_measure.MeasuredTrainer, gradient_release.ReleasingTrainer,
-                        optimizer_offload.OffloadingTrainer, Trainer):
+    class SD3FitTrainer(interrupt.InterruptibleTrainer, phases.PhasedTrainer, step_measure.MeasuredTrainer,
+                        gradient_release.ReleasingTrainer, optimizer_offload.OffloadingTrainer, Trainer):
         """SimpleTuner's Trainer with sd3fit's run phases, per-run metrics, ranges and profiler, gradient release that
-        works with every optimizer, and optimizer state out of the way of validation."""
+        works with every optimizer, optimizer state out of the way of validation, and a checkpoint before stopping on
+        SIGINT or SIGTERM."""
 
         sd3fit_measurement = measurement
         sd3fit_offload_optimizer_state = bool(own.get("offload_optimizer_state"))
+        sd3fit_interrupt = stop
 
         def init_trackers(self):
             super().init_trackers()
@@ -97,9 +103,9 @@ def _artifacts(run: Run, options: dict) -> dict[str, str]:
         if (pipeline / "transformer").is_dir():
             found["pipeline"] = str(pipeline)
             found["transformer"] = str(pipeline / "transformer")
-    checkpoints = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
-    if checkpoints:
-        found["last_checkpoint"] = str(checkpoints[-1])
+    checkpoint = last_checkpoint(run)
+    if checkpoint is not None:
+        found["last_checkpoint"] = str(checkpoint.path)
     return found
 
 
@@ -122,11 +128,21 @@ def _first_oom_phase(measure: dict) -> str | None:
     return next((name for name, part in measure.get("phases", {}).items() if part.get("ooms")), None)
 
 
+def run_options(config: dict) -> dict:
+    """The options SimpleTuner gets: the run's own over sd3fit's defaults for every run."""
+    return {**config.get("defaults", {}), **config["simpletuner"]}
+
+
 def train(run: Run) -> dict:
     """Train and return the result record (also written to result.json by the main process)."""
     config = run.read_config()
-    options = config["simpletuner"]
+    options = run_options(config)
     compat.require(CHECKED_AGAINST, "sd3fit's launcher")
+    stop = interrupt.install(run.log)
+    resume_from = os.environ.get(resume.RESUME_ENV)
+    if resume_from:
+        # an absolute path: SimpleTuner takes the folder of that name in output_dir, the run's own
+        options["resume_from_checkpoint"] = resume_from
     cpu_fix = cpu_pin_memory.apply()
 
     import multiprocessing
@@ -144,6 +160,10 @@ def train(run: Run) -> dict:
 
     started = time.time()
     result = {"status": "failed", "run": str(run.dir), "cpu_pin_memory_fix": cpu_fix}
+    if resume_from:
+        result["resumed_from"] = resume_from
+        if _is_main_process():
+            resume.tensorboard_purge(run.dir / "tensorboard", resume.checkpoint_step(resume_from))
     trainer = None
     budget = os.environ.get("SD3FIT_GPU_BUDGET_GIB")
     if budget and torch.cuda.is_available():
@@ -152,7 +172,7 @@ def train(run: Run) -> dict:
         result["gpu_budget"] = cap_gpu_memory(torch, float(budget))
     measurement = _measurement(run, config)  # before the model loads: memory history covers loading too
     try:
-        trainer = _make_trainer(options, measurement, config.get("sd3fit", {}))
+        trainer = _make_trainer(options, measurement, config.get("sd3fit", {}), stop)
         with dynamo_config_context(trainer.config):
             contextvars.copy_context().run(_run_training, trainer)
         try:
@@ -176,6 +196,19 @@ def train(run: Run) -> dict:
         result["error"] = f"OutOfMemoryError: {str(exc).splitlines()[0]}"
         measurement.on_oom()  # while the failing frames still hold their tensors
         raise
+    except (StopIteration, KeyboardInterrupt) as exc:
+        if stop.signum is None:
+            result["error"] = f"{type(exc).__name__}: {exc}"
+            raise
+        # stopped by SIGINT/SIGTERM: at a step boundary with a checkpoint saved, or before training began
+        result["status"] = "interrupted"
+        result["signal"] = signal.Signals(stop.signum).name
+        result["global_step"] = int((getattr(trainer, "state", None) or {}).get("global_step", 0))
+        try:
+            if trainer is not None and trainer.accelerator is not None:
+                trainer.accelerator.end_training()  # the trackers' last rows and files, as a finished run has them
+        except Exception as end_exc:  # the checkpoint is saved already; keep the record
+            result["end_training_error"] = f"{type(end_exc).__name__}: {end_exc}"
     except BaseException as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
         raise
@@ -215,9 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"sd3fit: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # SIGINT or SIGTERM while starting up (see patches.interrupt): nothing trained yet
+        print("stopped before training began", file=sys.stderr)
+        return 130
     except BaseException:
         traceback.print_exc()
         return 1
+    if result["status"] == "interrupted":
+        return 128 + signal.Signals[result["signal"]].value
     if result["status"] != "finished":
         print(f"sd3fit: error: {result.get('error')}", file=sys.stderr)
         return 1
