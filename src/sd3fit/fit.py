@@ -151,3 +151,19 @@ def pick(kind: str, device: tuple[str, float], overrides: list[str]) -> str:
         raise UserError(f"no {kind} preset fits {name} ({total:.2f} GiB); the smallest card that works is {card_size} "
                         f"({smallest_preset} needs {smallest.need_gib:.2f} GiB)")
     return min(fitting)[1]
+
+
+def smaller(run: Run) -> tuple[str, float] | None:
+    """After a run ran out of memory: the card preset of its kind that needs the most memory below what the run's
+    configuration was measured to need (any card preset, when it was never measured), as (name, GiB)."""
+    options = _run_options(run)
+    own = measured(options)
+    found = []
+    for name in candidates(options.get("model_type", "full")):
+        other = measured(presets.load(name, []).values)
+        if other is not None and (own is None or other.need_gib < own.need_gib):
+            found.append((other.need_gib, name))
+    if not found:
+        return None
+    need, name = max(found)
+    return name, need

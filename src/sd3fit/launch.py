@@ -188,6 +188,20 @@ def log_tail(run: runs.Run, lines: int) -> list[str]:
     return [line for line in shown_lines if line.strip()][-lines:]
 
 
+def _out_of_memory(run: runs.Run, result: dict) -> str:
+    from sd3fit import fit
+
+    where = f" during {result['oom_phase']}" if result.get("oom_phase") else ""
+    snapshot = run.dir / "memory" / "oom.pickle"
+    seen = f" (allocator snapshot: {shown(snapshot)}, open it at pytorch.org/memory_viz)" if snapshot.is_file() else ""
+    try:
+        found = fit.smaller(run)
+    except Exception:  # a config the fit check cannot read must not hide the out-of-memory line
+        found = None
+    then = f"; {found[0]} needs less ({found[1]:.2f} GiB measured for the whole run)" if found else ""
+    return f"out of memory{where}{seen}{then}"
+
+
 def summary(run: runs.Run, elapsed: float) -> str:
     result = run.read_result() or {}
     lines = [f"run folder: {shown(run.dir)}"]
@@ -198,6 +212,8 @@ def summary(run: runs.Run, elapsed: float) -> str:
     if losses:
         lines.append(f"steps: {result.get('global_step')}, last train_loss: {losses[-1]}")
     lines.append(f"time: {elapsed:.0f} s in all, {result.get('wall_seconds', 0):.0f} s of it in SimpleTuner's run sequence")
+    if result.get("out_of_memory"):
+        lines.append(_out_of_memory(run, result))
     if result.get("status") == "finished" and result.get("caught_ooms"):
         lines.append(f"warning: SimpleTuner caught {result['caught_ooms']} out-of-memory error(s) and went on (see "
                      f"{shown(run.log)}): this preset does not fit this GPU as configured")

@@ -2,8 +2,9 @@
 
 With `memory_snapshot_steps: N` the allocator records every allocation's stack from start-up (model loading and
 quantization included) through training step N, then saves `memory/snapshot-step-N.pickle` and stops recording.
-An out-of-memory error saves `memory/oom.pickle` before the error goes on; with recording off that snapshot
-still shows every segment and block the allocator held, without stacks. Processes other than rank 0 add
+The first out-of-memory error saves `memory/oom.pickle` from the allocator's own out-of-memory observer, so also
+when the trainer catches the error and goes on or exits quietly; with recording off that snapshot still shows every
+segment and block the allocator held, without stacks. Processes other than rank 0 add
 `-rank<N>` to the names.
 """
 
@@ -29,9 +30,22 @@ class MemorySnapshots:
         return self._torch is not None and self._torch.cuda.is_available()
 
     def start(self) -> None:
-        if self.steps > 0 and self.available:
+        if not self.available:
+            return
+        if self.steps > 0:
             self._torch.cuda.memory._record_memory_history(max_entries=MAX_ENTRIES)
             self.recording = True
+        attach = getattr(self._torch._C, "_cuda_attach_out_of_memory_observer", None)
+        if attach is not None:
+            attach(self._observe_oom)
+
+    def _observe_oom(self, device, alloc, device_allocated, device_free) -> None:
+        """Called by the allocator on every out-of-memory error, before it raises: the first one is saved."""
+        if not self._oom_saved():
+            self._dump("oom.pickle")
+
+    def _oom_saved(self) -> Path | None:
+        return next((Path(p) for p in self.saved if Path(p).name.startswith("oom")), None)
 
     def after_step(self, global_step: int) -> None:
         if self.recording and global_step >= self.steps:
@@ -40,9 +54,10 @@ class MemorySnapshots:
             self.recording = False
 
     def on_oom(self) -> Path | None:
+        """An out-of-memory error reached sd3fit: save the snapshot unless the observer already did."""
         if not self.available:
             return None
-        return self._dump("oom.pickle")
+        return self._oom_saved() or self._dump("oom.pickle")
 
     def _dump(self, name: str) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
