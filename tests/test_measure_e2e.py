@@ -292,3 +292,16 @@ def test_result_names_every_part_of_the_run(runs):
         assert all(part["seconds"] >= 0 and part["ooms"] == 0 for part in parts.values())
         assert parts["training"]["seconds"] > 0 and parts["text_embeds"]["seconds"] > 0
         assert parts["training"]["peak_reserved_gib"] is None  # a CPU has no allocator peaks to report
+
+
+def test_validation_images_are_in_tensorboards_images_tab(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs["plain"].dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    assert tags and all(tag.startswith("validation/") for tag in tags), tags
+    steps = sorted({image.step for tag in tags for image in events.Images(tag)})
+    assert steps[-1] == STEPS  # the validation at the last step (the demo validates every 8 steps)
+    first = events.Images(tags[0])[0]
+    assert first.width == 128 and first.height == 128  # the demo's validation resolution

@@ -52,6 +52,11 @@ class Measurement:
         self.snapshots.after_step(step)
         return ready
 
+    def write_images(self, step: int, images: dict) -> int:
+        from sd3fit.measure import images as tensorboard_images
+
+        return tensorboard_images.write(self.run_dir / "tensorboard", step, images)
+
     def close(self) -> list[tuple[int, dict[str, Any]]]:
         return self.sink.close()
 

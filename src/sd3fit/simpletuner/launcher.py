@@ -26,7 +26,7 @@ from sd3fit.measure import settings as measure_settings
 from sd3fit.runs import Run, last_checkpoint
 from sd3fit.simpletuner import compat
 from sd3fit.simpletuner.patches import (cpu_pin_memory, gradient_release, interrupt, metrics_log, optimizer_offload,
-                                        phases, step_measure, vae_tiles)
+                                        phases, step_measure, vae_tiles, validation_images)
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 
@@ -45,6 +45,7 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
     optimizer_offload.check(Trainer)
     phases.apply(measurement.phases)
     vae_tiles.apply(own.get("vae_tile_size"))
+    validation_images.apply(measurement.write_images if _is_main_process() else None)
 
     class SD3FitTrainer(interrupt.InterruptibleTrainer, phases.PhasedTrainer, step_measure.MeasuredTrainer,
                         gradient_release.ReleasingTrainer, optimizer_offload.OffloadingTrainer, Trainer):
