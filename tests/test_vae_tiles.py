@@ -40,4 +40,4 @@ def test_a_tile_that_does_not_divide_is_refused_in_one_line():
         vae_tiles.set_tiles(tiny_vae(64), 63)
     for bad in (32, 500):
         with pytest.raises(UserError, match="vae_tile_size"):
-            schema.split(presets.load("lora-6gb", [f"vae_tile_size={bad}"]).values)
+            schema.split(presets.load("lora-8gb", [f"vae_tile_size={bad}"]).values)
