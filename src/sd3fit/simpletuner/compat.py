@@ -25,3 +25,15 @@ def require(checked_against: str = SIMPLETUNER_VERSION, what: str = "sd3fit") ->
             f"{what} was written for simpletuner {checked_against} but {found} is installed; "
             "run ./scripts/setup.sh to restore the locked version (or re-check the patches against the new one)"
         )
+
+
+def wrap_once(cls, name: str, wrap, marker: str, patch: str) -> None:
+    """Replace `cls.name` by `wrap(cls.name)` unless a wrapper carrying `marker` is already there (a patch applied
+    twice in one process); a method that is gone means upstream changed, and the patch must be updated."""
+    method = getattr(cls, name, None)
+    if not callable(method):
+        raise RuntimeError(f"{patch}: SimpleTuner's {cls.__name__} lacks {name}; this patch needs updating")
+    if not getattr(method, marker, False):
+        wrapped = wrap(method)
+        setattr(wrapped, marker, True)
+        setattr(cls, name, wrapped)

@@ -34,7 +34,6 @@ def _during(name: str, only_from: tuple[str, ...] | None = None):
             with _phases.during(name):
                 return method(*args, **kwargs)
 
-        wrapped.__sd3fit_phase__ = name
         return wrapped
 
     return decorate
@@ -51,7 +50,6 @@ def _validations(method):
             if _phases is not None and kwargs.get("validation_type") == "final":
                 _phases.enter("saving")  # upstream writes the final adapter or pipeline right after
 
-    wrapped.__sd3fit_phase__ = "validation"
     return wrapped
 
 
@@ -77,11 +75,7 @@ def apply(phases) -> None:
         (Validation, "run_validations", _validations),
     )
     for cls, name, wrap in targets:
-        method = getattr(cls, name, None)
-        if not callable(method):
-            raise RuntimeError(f"{__name__}: SimpleTuner's {cls.__name__} lacks {name}; this patch needs updating")
-        if not hasattr(method, "__sd3fit_phase__"):
-            setattr(cls, name, wrap(method))
+        compat.wrap_once(cls, name, wrap, "__sd3fit_phase__", __name__)
 
 
 class PhasedTrainer:

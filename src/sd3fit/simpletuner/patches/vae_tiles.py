@@ -39,7 +39,6 @@ def _wrap(load_vae):
             set_tiles(vae, _tile_px)
         return out
 
-    wrapped.__sd3fit_vae_tiles__ = True
     return wrapped
 
 
@@ -49,9 +48,5 @@ def apply(tile_px: int | None) -> None:
     compat.require(CHECKED_AGAINST, __name__)
     from simpletuner.helpers.models.common import ModelFoundation
 
-    load_vae = getattr(ModelFoundation, "load_vae", None)
-    if not callable(load_vae):
-        raise RuntimeError(f"{__name__}: SimpleTuner's ModelFoundation lacks load_vae; this patch needs updating")
     _tile_px = tile_px
-    if not getattr(load_vae, "__sd3fit_vae_tiles__", False):
-        ModelFoundation.load_vae = _wrap(load_vae)
+    compat.wrap_once(ModelFoundation, "load_vae", _wrap, "__sd3fit_vae_tiles__", __name__)

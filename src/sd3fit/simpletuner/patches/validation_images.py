@@ -32,7 +32,6 @@ def _wrap(run_validations):
                 logger.warning("sd3fit could not write validation images to TensorBoard: %s: %s", type(exc).__name__, exc)
         return out
 
-    wrapped.__sd3fit_images__ = True
     return wrapped
 
 
@@ -42,9 +41,5 @@ def apply(write) -> None:
     compat.require(CHECKED_AGAINST, __name__)
     from simpletuner.helpers.training.validation import Validation
 
-    method = getattr(Validation, "run_validations", None)
-    if not callable(method):
-        raise RuntimeError(f"{__name__}: SimpleTuner's Validation lacks run_validations; this patch needs updating")
     _write = write
-    if not getattr(method, "__sd3fit_images__", False):
-        Validation.run_validations = _wrap(method)
+    compat.wrap_once(Validation, "run_validations", _wrap, "__sd3fit_images__", __name__)
