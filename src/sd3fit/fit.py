@@ -133,13 +133,19 @@ def candidates(kind: str) -> list[str]:
     return found
 
 
-def pick(kind: str, device: tuple[str, float], overrides: list[str]) -> str:
-    """The fastest measured preset of `kind` whose whole-run need is below the GPU's memory."""
+def _measured_candidates(kind: str, overrides: list[str]) -> list[tuple[str, Measured]]:
+    """The card presets of `kind` (with `overrides`) that have a benchmark row, with that row's numbers."""
     scored = []
     for name in candidates(kind):
         found = measured(presets.load(name, overrides).values)
         if found is not None:
             scored.append((name, found))
+    return scored
+
+
+def pick(kind: str, device: tuple[str, float], overrides: list[str]) -> str:
+    """The fastest measured preset of `kind` whose whole-run need is below the GPU's memory."""
+    scored = _measured_candidates(kind, overrides)
     if not scored:
         raise UserError(f"no {kind} preset has a benchmark run of its configuration with these options (SD3 Medium "
                         "only; an override that changes memory makes another configuration); name a preset instead")
@@ -158,11 +164,8 @@ def smaller(run: Run) -> tuple[str, float] | None:
     configuration was measured to need (any card preset, when it was never measured), as (name, GiB)."""
     options = _run_options(run)
     own = measured(options)
-    found = []
-    for name in candidates(options.get("model_type", "full")):
-        other = measured(presets.load(name, []).values)
-        if other is not None and (own is None or other.need_gib < own.need_gib):
-            found.append((other.need_gib, name))
+    found = [(other.need_gib, name) for name, other in _measured_candidates(options.get("model_type", "full"), [])
+             if own is None or other.need_gib < own.need_gib]
     if not found:
         return None
     need, name = max(found)
