@@ -126,7 +126,8 @@ def launch(prepared: Prepared, num_processes: int = 1, env: dict[str, str] | Non
 
 
 def _launch(run: runs.Run, cmd: list[str], env: dict[str, str], echo: bool, forward_signals: bool, console) -> int:
-    with run.log.open("ab") as log:
+    # unbuffered: each chunk reaches train.log at once, so nothing is lost if sd3fit itself is killed
+    with run.log.open("ab", buffering=0) as log:
         proc = subprocess.Popen(cmd, cwd=run.dir, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
         say = console.say if console is not None else (lambda line: print(line, flush=True))
