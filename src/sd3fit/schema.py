@@ -55,6 +55,21 @@ SD3FIT_KEYS: dict[str, Key] = {
     **{name: Key(kind, text) for name, (kind, text) in measure_settings.KEYS.items()},
 }
 
+# sd3fit's speed patches, one key each (bool, off when absent): `false` for all of them is stock SimpleTuner's step.
+SPEED_KEYS: dict[str, Key] = {
+    "compile_blocks": Key(
+        "bool",
+        "Compile each MMDiT block with torch.compile (also when it is checkpointed): fewer, fused kernels and little "
+        "host work per block; the first steps take longer while it compiles.",
+    ),
+    "fused_optimizer": Key(
+        "bool",
+        "Step all parameters at once with multi-tensor kernels (torch-optimi's foreach AdamW with Kahan summation for "
+        "adamw_bf16) instead of one parameter at a time.",
+    ),
+}
+SD3FIT_KEYS.update(SPEED_KEYS)
+
 # SimpleTuner options that sd3fit sets for every run, with the reason a preset may not.
 OWNED_KEYS: dict[str, str] = {
     "output_dir": "each run writes to runs/<name>/output; choose the name with --name",
