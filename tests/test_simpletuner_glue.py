@@ -12,8 +12,8 @@ from sd3fit import schema
 from sd3fit.errors import UserError
 from sd3fit.simpletuner import compat, launcher
 from sd3fit.measure.sink import MetricsSink
-from sd3fit.simpletuner.patches import (cpu_pin_memory, gradient_release, interrupt, metrics_log, optimizer_offload,
-                                        phases, step_measure, vae_tiles, validation_images)
+from sd3fit.simpletuner.patches import (compiled_blocks, cpu_pin_memory, gradient_release, interrupt, metrics_log,
+                                        optimizer_offload, phases, step_measure, vae_tiles, validation_images)
 
 
 def test_version_gate_names_both_versions(monkeypatch):
@@ -39,6 +39,8 @@ def test_every_patch_refuses_another_version(monkeypatch):
         phases.apply(object())
     with pytest.raises(UserError):
         vae_tiles.apply(512)
+    with pytest.raises(UserError):
+        compiled_blocks.apply(True)
     with pytest.raises(UserError):
         validation_images.apply(None)
     with pytest.raises(UserError):

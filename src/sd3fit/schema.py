@@ -174,7 +174,23 @@ def _rules(cfg: dict[str, Any]) -> None:
     if tile is not None and (tile < 64 or tile % 64):
         raise UserError(f"option vae_tile_size is the VAE's tile in pixels, a multiple of 64 from 64 up (e.g. 512), "
                         f"not {tile}")
+    if get("compile_blocks"):
+        _compile_rules(get)
     measure_settings.check({k: v for k, v in cfg.items() if k in measure_settings.KEYS})
+
+
+def _compile_rules(get) -> None:
+    """Compiled blocks take their weights as graph inputs: weights that move between devices every step, or that are
+    quantized tensor types, would recompile or break the graphs."""
+    if get("base_model_precision", "no_change") != "no_change":
+        raise UserError(f"option compile_blocks needs a bf16 base (base_model_precision=no_change), not "
+                        f"{get('base_model_precision')}; set compile_blocks=false with a quantized base")
+    if (get("musubi_blocks_to_swap") or 0) > 0:
+        raise UserError("option compile_blocks cannot compile blocks that musubi_blocks_to_swap moves between CPU and "
+                        "GPU every step; set one of compile_blocks=false and musubi_blocks_to_swap=0")
+    if get("ramtorch") and get("ramtorch_transformer_percent") != 0:
+        raise UserError("option compile_blocks cannot compile blocks whose weights RamTorch streams from CPU memory; "
+                        "set ramtorch_transformer_percent=0 (text encoders only) or compile_blocks=false")
 
 
 def validate(preset: dict[str, Any]) -> dict[str, Any]:

@@ -24,9 +24,10 @@ from sd3fit import resume
 from sd3fit.errors import UserError
 from sd3fit.measure import settings as measure_settings
 from sd3fit.runs import Run, last_checkpoint
+from sd3fit.schema import SPEED_KEYS
 from sd3fit.simpletuner import compat
-from sd3fit.simpletuner.patches import (cpu_pin_memory, gradient_release, interrupt, metrics_log, optimizer_offload,
-                                        phases, step_measure, vae_tiles, validation_images)
+from sd3fit.simpletuner.patches import (compiled_blocks, cpu_pin_memory, gradient_release, interrupt, metrics_log,
+                                        optimizer_offload, phases, step_measure, vae_tiles, validation_images)
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 
@@ -45,6 +46,7 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
     optimizer_offload.check(Trainer)
     phases.apply(measurement.phases)
     vae_tiles.apply(own.get("vae_tile_size"))
+    compiled_blocks.apply(bool(own.get("compile_blocks")))
     validation_images.apply(measurement.write_images if _is_main_process() else None)
 
     class SD3FitTrainer(interrupt.InterruptibleTrainer, phases.PhasedTrainer, step_measure.MeasuredTrainer,
@@ -127,6 +129,15 @@ def _where(measurement, trainer) -> str:
 
 def _first_oom_phase(measure: dict) -> str | None:
     return next((name for name, part in measure.get("phases", {}).items() if part.get("ooms")), None)
+
+
+def _speed(own: dict) -> dict:
+    """Which speed patches the run had on, and what they did."""
+    out: dict = {"patches": sorted(key for key in SPEED_KEYS if own.get(key))}
+    blocks = compiled_blocks.stats()
+    if blocks is not None:
+        out["compile_blocks"] = blocks
+    return out
 
 
 def run_options(config: dict) -> dict:
@@ -217,6 +228,7 @@ def train(run: Run) -> dict:
         if trainer is not None:
             trainer.cleanup()
         result["wall_seconds"] = round(time.time() - started, 3)
+        result["speed"] = _speed(config.get("sd3fit", {}))
         result["artifacts"] = _artifacts(run, options)
         try:
             measurement.close()  # idempotent: end_training already closed it when training got that far
