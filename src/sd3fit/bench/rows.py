@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sd3fit.report.summary import largest, values
-from sd3fit.runs import Run
+from sd3fit.runs import Run, largest, values  # not from sd3fit.report: bench never imports the report
 
 FIELDS = (
     "preset", "budget", "budget_gib", "status", "error", "model_type", "lora_rank", "base_model_precision",
