@@ -207,7 +207,7 @@ def test_report_keeps_gpus_apart_and_compares_with_the_full_fine_tune_of_the_sam
     assert _cells(section_a, "| `lora`")[-3:] == ["0.50", "0.31", "0.50"]  # 1/2, 5/16, 10/20
     assert _cells(section_b, "| `lora` | none")[-3:] == ["0.75", "0.12", "0.25"]  # 3/4, 2/16, 5/20
     oom = _cells(section_b, "| `lora` | 16GB")
-    assert oom[2] == "**out of memory**" and oom[-3:] == ["–", "–", "–"]  # no full fine-tune under 16GB
+    assert oom[2:4] == ["sd3fit", "**out of memory**"] and oom[-3:] == ["–", "–", "–"]  # no full fine-tune under 16GB
     assert "under budget 16GB" in section_b
 
 
@@ -231,6 +231,8 @@ def test_bench_writes_a_row_per_preset_with_every_field(bench, demo_assets):
         assert set(row) == set(rows.FIELDS)
         assert row["status"] == "finished", row["error"]
         assert row["budget"] == "none" and row["budget_gib"] is None
+        # the default --speed: the presets as written, in the folders a benchmark made before --speed existed
+        assert row["speed"] == "sd3fit" and Path(row["run"]).name == f"{row['preset']}-nocap"
         assert (row["resolution"], row["batch_size"], row["warmup_steps"]) == (128, 1, 1)
         assert row["measured_steps"] == 3 and row["global_step"] == 4
         assert 0 < row["step_s_p10"] <= row["step_s_median"] <= row["step_s_p90"]

@@ -35,9 +35,17 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                         "checkpoint, with its own config (only a longer max_train_steps=N may be given)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (an invalid choice, a missing value) keep sd3fit's contract: one line, exit 2; the
+    message names the argument and, for choices, lists them; `-h` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"sd3fit: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd3fit", description="Fine-tune Stable Diffusion 3 Medium with SimpleTuner on one small GPU.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="sd3fit", description="Fine-tune Stable Diffusion 3 Medium with SimpleTuner on one small GPU.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train from a preset: sd3fit train [CONFIG] [key=value ...]")
     p.add_argument("config", nargs="?", help="preset JSON file or name in config/, or lora / full for the fastest "
@@ -56,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("options", help="list the option names a preset may use")
     p.add_argument("pattern", nargs="?", default="", help="show only options containing this text")
 
+    from sd3fit.bench import speed
+
     p = sub.add_parser("bench", help="train each preset for a few steps and record time and memory per preset")
     p.add_argument("--presets", nargs="+", metavar="PRESET", help="presets to run (default: every preset in config/ but the demo)")
     p.add_argument("--steps", type=int, default=25, help="measured steps after warm-up (default 25)")
@@ -67,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="auto",
                    help="Hub id or diffusers folder; 'random' builds SD3 Medium's architecture with random weights; "
                         "'auto' (default) uses the presets' model if its weights are here, else random")
+    p.add_argument("--speed", default=speed.SD3FIT, choices=speed.MODES,
+                   help="sd3fit's speed patches: as the presets set them (sd3fit, default), all off (stock), a stock "
+                        "and an sd3fit run back to back (both), or both plus one run per patch with only it off (each)")
     p.add_argument("--no-validation", action="store_true", help="skip the one validation at the last step")
     p.add_argument("--keep-weights", action="store_true", help="keep each run's trained adapter or model (deleted by default)")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (TFLOP/s) for MFU, if sd3fit does not know it")
@@ -235,6 +248,7 @@ def cmd_bench(args) -> int:
         presets=args.presets or runner.default_presets(), budgets=args.gpu_budget, steps=args.steps,
         warmup_steps=args.warmup_steps, resolution=args.resolution, model=args.model,
         validation=not args.no_validation, keep_weights=args.keep_weights, peak_tflops=args.peak_tflops,
+        speed=args.speed,
     )
     out = Path(args.out or time.strftime("benchmarks/bench-%Y%m%d-%H%M%S"))
     command = "sd3fit " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "sd3fit bench"

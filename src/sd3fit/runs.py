@@ -80,6 +80,16 @@ class Run:
         return rows
 
 
+def values(rows: list[dict], key: str) -> list[float]:
+    """The numbers under `key` in metrics rows (rows without it, or with null, are skipped)."""
+    return [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+
+
+def largest(rows: list[dict], key: str) -> float | None:
+    found = values(rows, key)
+    return max(found) if found else None
+
+
 def _read_object(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())

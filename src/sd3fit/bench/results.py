@@ -32,7 +32,8 @@ def _write_csv(path: Path, found: list[dict]) -> None:
     with partial.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(FIELDS))
         writer.writeheader()
-        writer.writerows(found)
+        # lists (speed_patches) as words, not Python's repr: a spreadsheet cell `compile_blocks fused_optimizer`
+        writer.writerows({k: " ".join(v) if isinstance(v, list) else v for k, v in row.items()} for row in found)
     partial.replace(path)
 
 

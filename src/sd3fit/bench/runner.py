@@ -4,7 +4,8 @@ Each run is a real `sd3fit train` run (the same preparation and launcher `train.
 the preset's own options except what a benchmark must fix: the model, a synthetic dataset of 1024 px images,
 the resolution, warm-up + N steps, one checkpoint and one validation at the last step (validation unless turned
 off) and no trackers or base-model benchmark. Text embeddings and VAE latents are cached before training, as in any run.
-A run that runs out of memory is a row with status `out_of_memory`; the benchmark goes on.
+A run that runs out of memory is a row with status `out_of_memory`; the benchmark goes on. `--speed` adds runs of
+each preset with sd3fit's speed patches off (`sd3fit.bench.speed`); a row is identified by preset, budget and speed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from sd3fit import hub, launch, presets, sd3_medium, train
 from sd3fit.bench import budget as budgets
 from sd3fit.bench import flops, results, rows
+from sd3fit.bench import speed as speeds
 from sd3fit.errors import UserError
 from sd3fit.runs import require_free_folder, shown
 
@@ -41,6 +43,7 @@ class Settings:
     validation: bool = True
     keep_weights: bool = False
     peak_tflops: float | None = None
+    speed: str = speeds.SD3FIT  # a mode of sd3fit.bench.speed; not checked on --resume: a later call may add variants
 
 
 def default_presets() -> list[str]:
@@ -111,7 +114,7 @@ def overrides(settings: Settings, model: str, data: Path) -> list[str]:
     return out
 
 
-def _check_resume(out: Path, settings: Settings) -> set[tuple[str, str]]:
+def _check_resume(out: Path, settings: Settings) -> set[tuple[str, str, str]]:
     saved_path = out / SETTINGS
     if not saved_path.is_file():
         require_free_folder(out, "--out (or add --resume to continue a benchmark there)")
@@ -122,7 +125,7 @@ def _check_resume(out: Path, settings: Settings) -> set[tuple[str, str]]:
             raise UserError(f"{out} holds a benchmark with {key}={saved.get(key)!r}, not {asdict(settings)[key]!r}; "
                             "use the same settings with --resume, or a new --out")
     done = results.read(out) if (out / results.RESULTS).is_file() else []
-    return {(r["preset"], r["budget"]) for r in done}
+    return {(r["preset"], r["budget"], speeds.label(r)) for r in done}
 
 
 def _free_name(root: Path, name: str) -> str:
@@ -140,6 +143,7 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
         raise UserError("--presets lists the same preset twice")
     if settings.steps < 1 or settings.warmup_steps < 0:
         raise UserError("--steps must be 1 or more and --warmup-steps 0 or more")
+    speeds.variants(settings.speed, {})  # a bad mode stops the benchmark before anything runs
     if settings.resolution % 64 or not 128 <= settings.resolution <= 2048:
         raise UserError(f"--resolution {settings.resolution} must be a multiple of 64 from 128 to 2048 (SD3 Medium: 512 or 1024)")
     loaded = {name: presets.load(name) for name in settings.presets}  # every preset checked before the first run
@@ -164,11 +168,16 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
     plan = []
     for name in settings.presets:
         for cap in (c.for_preset(loaded[name].values.get("card")) for c in caps):
-            if (name, cap.label) in done:
-                continue
-            run_name = _free_name(out / "runs", f"{presets.find(name).stem}-{cap.slug}")  # a preset may be a path
-            # no fit check: finding out what fits is the benchmark's job
-            plan.append((name, cap, train.prepare(name, extra, name=run_name, runs_dir=str(out / "runs"), check_fit=False)))
+            # the variants of one preset and budget run back to back, so their ratio sees the same machine state
+            for variant in speeds.variants(settings.speed, loaded[name].values):
+                if (name, cap.label, variant.label) in done:
+                    continue
+                # a preset may be a path: its file name names the folder
+                run_name = _free_name(out / "runs", f"{presets.find(name).stem}-{cap.slug}{variant.suffix}")
+                # no fit check: finding out what fits is the benchmark's job
+                prepared = train.prepare(name, extra + variant.overrides, name=run_name, runs_dir=str(out / "runs"),
+                                         check_fit=False)
+                plan.append((name, cap, variant, prepared))
     out.mkdir(parents=True, exist_ok=True)
     record = json.loads((out / SETTINGS).read_text()) if (out / SETTINGS).is_file() else {
         **asdict(settings), "model_label": label, "gpu": facts["gpu"], "calls": []}
@@ -190,12 +199,13 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     failed = 0
-    for n, (name, cap, prepared) in enumerate(plan, 1):
+    for n, (name, cap, variant, prepared) in enumerate(plan, 1):
         if interrupted:
             break
         run_dir = prepared.run.dir
         train.write(prepared)
-        print(f"[{n}/{len(plan)}] {name}, GPU budget {cap.label}: training in {shown(run_dir)}", flush=True)
+        print(f"[{n}/{len(plan)}] {name}, GPU budget {cap.label}, speed {variant.label}: training in {shown(run_dir)}",
+              flush=True)
         # an empty value means no cap, also when the user's environment sets one
         env = {"SD3FIT_GPU_BUDGET_GIB": "" if cap.gib is None else str(cap.gib)}
         started = time.time()
@@ -217,7 +227,8 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
             counted[key] = flops.per_image(config, options, settings.resolution) if config else None
         row = rows.from_run(prepared.run, code, settings.warmup_steps, counted[key], peak)
         row.update(facts)
-        row.update(preset=name, budget=cap.label, budget_gib=cap.gib, wall_s=round(time.time() - started, 1),
+        row.update(preset=name, budget=cap.label, budget_gib=cap.gib, speed=variant.label,
+                   speed_patches=speeds.patches_on(prepared.preset.values), wall_s=round(time.time() - started, 1),
                    model=presets.portable(model) if Path(model).exists() else model, model_label=label,
                    run=presets.portable(run_dir), command=command, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         results.append(out, row)
@@ -234,10 +245,11 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
 
 
 def summary_line(row: dict) -> str:
+    said = f"{row['status']} ({speeds.label(row)})"
     if row["status"] != "finished":
-        return f"{row['status']}: {row.get('error')}"
+        return f"{said}: {row.get('error')}"
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
-    return (f"finished: median step {fmt(row['step_s_median'], '.3f')} s (p10 {fmt(row['step_s_p10'], '.3f')}, "
+    return (f"{said}: median step {fmt(row['step_s_median'], '.3f')} s (p10 {fmt(row['step_s_p10'], '.3f')}, "
             f"p90 {fmt(row['step_s_p90'], '.3f')}), {fmt(row['images_per_s'], '.2f')} images/s, "
             f"peak in steps {fmt(row['step_peak_allocated_gib'], '.2f')} GiB allocated, whole run "
             f"{fmt(row['run_peak_reserved_gib'], '.2f')} GiB reserved ({row['wall_s']:.0f} s)")

@@ -2,7 +2,8 @@
 
 Rows are compared only within one group: the same GPU model, model (real or random weights), resolution and batch
 size. Each group gets its own table and its own pair of figures, so numbers from different GPUs never share one.
-Ratios compare a preset with the full fine-tune of the same group under the same GPU budget.
+Ratios compare a preset with the full fine-tune of the same group under the same GPU budget and speed label; runs
+of a preset with sd3fit's speed patches and without them (`sd3fit bench --speed`) get their own table (`speed`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sd3fit.host import CARD_SIZES_GB, GIB  # noqa: E402
+from sd3fit.report import speed  # noqa: E402
 from sd3fit.report.write import slug  # noqa: E402
 
 STATUS = {"finished": "ran", "out_of_memory": "**out of memory**", "failed": "failed"}
@@ -28,13 +30,14 @@ def group_key(row: dict) -> tuple:
 
 
 def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """Rows per group, each group ordered by preset, then budget (in the order they first appear)."""
+    """Rows per group, each group ordered by preset, budget, then speed label (in the order they first appear)."""
     out: dict[tuple, list[dict]] = {}
     for row in rows:
         out.setdefault(group_key(row), []).append(row)
     for key, group in out.items():
         presets, budgets = _ordered(r["preset"] for r in group), _ordered(r["budget"] for r in group)
-        group.sort(key=lambda r: (presets.index(r["preset"]), budgets.index(r["budget"])))
+        labels = _ordered(speed.label(r) for r in group)
+        group.sort(key=lambda r: (presets.index(r["preset"]), budgets.index(r["budget"]), labels.index(speed.label(r))))
     return out
 
 
@@ -42,11 +45,20 @@ def _ordered(values) -> list:
     return list(dict.fromkeys(values))
 
 
-def _full(rows: list[dict], budget: str) -> dict | None:
+def _full(rows: list[dict], budget: str, label: str) -> dict | None:
     for row in rows:
-        if row.get("model_type") == "full" and row.get("budget") == budget:
+        if row.get("model_type") == "full" and row.get("budget") == budget and speed.label(row) == label:
             return row
     return None
+
+
+def _entries(group: list[dict]) -> tuple[list[tuple[str, str]], list[str]]:
+    """A figure's x positions, (preset, speed label) in order, and their tick labels (the speed only where the
+    group has runs of more than one speed label)."""
+    entries = _ordered((r["preset"], speed.label(r)) for r in group)
+    several = len({label for _, label in entries}) > 1
+    # "without compile_blocks" on two lines: neighbouring labels would overlap on one
+    return entries, ["\n".join([preset, *label.split(" ")]) if several else preset for preset, label in entries]
 
 
 def ratio(row: dict, full: dict | None, key: str) -> float | None:
@@ -79,16 +91,16 @@ def markdown(rows: list[dict]) -> str:
                      f"diffusers {first.get('diffusers')}, transformers {first.get('transformers')}; "
                      f"{first.get('warmup_steps')} warm-up + {first.get('measured_steps') or '?'} measured steps; "
                      f"{dates[0] if dates else '?'}{'' if not dates or dates[0] == dates[-1] else ' to ' + dates[-1]}.\n")
-        head = ["preset", "GPU budget", "result", "median step (s)", "p10–p90 (s)", "images/s", "MFU",
+        head = ["preset", "GPU budget", "speed", "result", "median step (s)", "p10–p90 (s)", "images/s", "MFU",
                 "steps: peak alloc. (GiB)", "steps: peak reserved (GiB)", "whole run: peak alloc. (GiB)",
                 "whole run: peak reserved (GiB)", "whole run: device (GiB)", "time vs full", "step memory vs full", "run memory vs full"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in group:
-            full = _full(group, row["budget"])
+            full = _full(group, row["budget"], speed.label(row))
             finished = row.get("step_s_median") is not None  # trained: an OOM at validation keeps its step times
             spread = f"{_f(row.get('step_s_p10'), '.3f')}–{_f(row.get('step_s_p90'), '.3f')}" if finished else "–"
             budget = "none" if row.get("budget_gib") is None else f"{row['budget']} ({row['budget_gib']:.2f} GiB)"
-            cells = [f"`{row['preset']}`", budget, STATUS.get(row["status"], row["status"]),
+            cells = [f"`{row['preset']}`", budget, speed.label(row), STATUS.get(row["status"], row["status"]),
                      _f(row.get("step_s_median"), ".3f") if finished else "–", spread,
                      _f(row.get("images_per_s")) if finished else "–",
                      _f(100 * row["mfu"], ".1f") + " %" if finished and row.get("mfu") else "–",
@@ -100,21 +112,26 @@ def markdown(rows: list[dict]) -> str:
         parts.append("\n".join(lines) + "\n")
         problems = [r for r in group if r["status"] != "finished"]
         for row in problems:
-            parts.append(f"- `{row['preset']}` under budget {row['budget']}: {row['status']}: {row.get('error')}")
+            shown = "" if speed.label(row) == speed.SD3FIT else f" ({speed.label(row)})"
+            parts.append(f"- `{row['preset']}` under budget {row['budget']}{shown}: {row['status']}: {row.get('error')}")
         if problems:
             parts.append("")
+        against = speed.markdown(group)
+        if against:
+            parts.append(against)
     return "\n".join(parts)
 
 
 def step_time(group: list[dict], heading: str):
-    presets = _ordered(r["preset"] for r in group)
+    entries, ticks = _entries(group)
     budgets = _ordered(r["budget"] for r in group)
     width = 0.8 / len(budgets)
     labelled: set[str] = set()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(presets) + 2), 5.0))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(entries) + 2), 5.0))
     for i, budget in enumerate(budgets):
-        for j, preset in enumerate(presets):
-            row = next((r for r in group if r["preset"] == preset and r["budget"] == budget), None)
+        for j, (preset, label) in enumerate(entries):
+            row = next((r for r in group if r["preset"] == preset and r["budget"] == budget
+                        and speed.label(r) == label), None)
             x = j + (i - (len(budgets) - 1) / 2) * width
             if row is None:
                 continue
@@ -134,7 +151,7 @@ def step_time(group: list[dict], heading: str):
                          fontsize=8, padding=2)
     if any(r["status"] != "finished" and r.get("step_s_median") is not None for r in group):
         ax.bar(0, 0, 0, color="white", edgecolor="black", hatch="//", label="hatched: trained, then ran out of memory")
-    ax.set_xticks(range(len(presets)), presets, rotation=15)
+    ax.set_xticks(range(len(entries)), ticks, rotation=15)
     ax.set_ylabel("median training step (s), whiskers p10–p90")
     ax.set_title(f"Time per training step\n{heading}", fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
@@ -153,15 +170,15 @@ def _verdict(row: dict) -> str:
 
 
 def peak_memory(group: list[dict], heading: str):
-    presets = _ordered(r["preset"] for r in group)
+    entries, ticks = _entries(group)
     budgets = _ordered(r["budget"] for r in group)
 
-    def row_for(preset: str) -> dict | None:
+    def row_for(entry: tuple[str, str]) -> dict | None:
         """The uncapped run of a preset where there is one, else its first (e.g. the run under its own card)."""
-        runs = [r for r in group if r["preset"] == preset]
+        runs = [r for r in group if (r["preset"], speed.label(r)) == entry]
         return next((r for r in runs if r["budget"] == "none"), runs[0] if runs else None)
 
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(presets) + 2), 5.2))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(entries) + 2), 5.2))
     series = [("step_peak_allocated_gib", "in training steps, allocated"), ("run_peak_reserved_gib", "whole run, reserved")]
     if any(r.get("run_peak_device_gib") is not None for r in group):
         series.append(("run_peak_device_gib", "whole run, device (reserved + outside the allocator)"))
@@ -169,8 +186,8 @@ def peak_memory(group: list[dict], heading: str):
     top = 0.0
     for i, (key, label) in enumerate(series):
         xs, values, hatches = [], [], []
-        for j, preset in enumerate(presets):
-            row = row_for(preset)
+        for j, entry in enumerate(entries):
+            row = row_for(entry)
             if row and row.get(key) is not None:
                 xs.append(j + (i - (len(series) - 1) / 2) * width)
                 values.append(row[key])
@@ -186,12 +203,12 @@ def peak_memory(group: list[dict], heading: str):
         if gib < top * 1.3:
             ax.axhline(gib, color="grey", linestyle="--", linewidth=0.8)
             ax.text(-0.45, gib, f"{gb} GB card", fontsize=7, color="grey", ha="left", va="bottom")
-    for j, preset in enumerate(presets):
-        capped = [r for r in group if r["preset"] == preset and r.get("budget_gib") is not None]
+    for j, entry in enumerate(entries):
+        capped = [r for r in group if (r["preset"], speed.label(r)) == entry and r.get("budget_gib") is not None]
         verdicts = [_verdict(r) + r["budget"] for r in capped]
         if verdicts:
             ax.text(j, -0.09, "\n".join(verdicts), transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=8)
-    ax.set_xticks(range(len(presets)), presets)
+    ax.set_xticks(range(len(entries)), ticks)
     ax.set_ylabel("peak GPU memory (GiB)")
     under = "none" if "none" in budgets else "each preset's first"
     ax.set_title(f"Peak memory (runs with GPU budget {under})\n{heading}", fontsize=10)
@@ -216,7 +233,9 @@ def tradeoff(group: list[dict], heading: str):
         x, y = device_peak(row), row["step_s_median"]
         ax.scatter(x, y, marker="*" if chosen else "o", s=140 if chosen else 40,
                    color=COLORS[0] if row.get("model_type") == "lora" else COLORS[1], zorder=3)
-        ax.annotate(row["preset"] + ("" if row.get("budget_gib") is None else f" ({row['budget']})"), (x, y),
+        shown = [row["budget"]] if row.get("budget_gib") is not None else []
+        shown += [] if speed.label(row) == speed.SD3FIT else [speed.label(row)]
+        ax.annotate(row["preset"] + (f" ({', '.join(shown)})" if shown else ""), (x, y),
                     textcoords="offset points", xytext=(5, 6 if n % 2 == 0 else -13), fontsize=7)  # neighbours apart
     top = max((device_peak(r) for r in points), default=0)
     # every card line up to the first card that holds the largest point

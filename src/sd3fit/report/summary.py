@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sd3fit.errors import UserError
-from sd3fit.runs import Run
+from sd3fit.runs import Run, largest, values
 
 # the step ranges as named in metrics.jsonl (time/<name>_s); kept here so reading files needs no measuring code
 RANGES = ("data", "forward", "loss", "backward", "optimizer", "other")
@@ -75,16 +75,6 @@ def device_label(result: dict) -> str:
     device = (result.get("measure") or {}).get("device", "unknown device")
     budget = (result.get("gpu_budget") or {}).get("budget_gib")
     return f"{device}, capped at {budget:g} GiB" if budget else device
-
-
-def values(rows: list[dict], key: str) -> list[float]:
-    """The numbers under `key` in metrics rows (rows without it, or with null, are skipped)."""
-    return [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-
-
-def largest(rows: list[dict], key: str) -> float | None:
-    found = values(rows, key)
-    return max(found) if found else None
 
 
 def summarize(run_dir: Path) -> RunSummary:
