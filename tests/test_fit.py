@@ -138,6 +138,9 @@ def test_a_memory_saving_option_makes_another_configuration():
     assert fit.measured(values("full-12gb", "offload_optimizer_state=false")) is None
     assert fit.measured(values("lora-8gb", "vae_tile_size=256")) is None
     assert fit.measured(values("lora-8gb", "card=6GB", "description=mine", "step_metrics=false")) is not None
+    # a speed key changes the step, not the memory: on or off, the preset is judged by its benchmark row
+    assert values("lora-24gb")["fused_optimizer"] is True
+    assert fit.measured(values("lora-24gb", "fused_optimizer=false")) == fit.measured(values("lora-24gb")) is not None
 
 
 def test_a_local_sd3_medium_folder_is_judged_like_the_hub_id(tmp_path):

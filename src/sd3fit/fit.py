@@ -43,7 +43,8 @@ IGNORED = frozenset({
     "validation_prompt", "validation_seed", "validation_guidance", "validation_num_inference_steps",
     "caption_dropout_probability", "lora_alpha", "disable_benchmark", "resume_from_checkpoint", "minimum_image_size",
 })
-# sd3fit's own keys that change memory; its others (description, card, measuring) are left out like IGNORED
+# sd3fit's own keys that change memory; its others (description, card, measuring, the speed keys such as
+# fused_optimizer, whose state takes the memory of the optimizer it replaces) are left out like IGNORED
 OWN_MEMORY_KEYS = frozenset({"offload_optimizer_state", "vae_tile_size"})
 # options that hold weights in CPU RAM: such a run also needs the host memory it was measured with
 OFFLOAD_KEYS = ("offload_during_startup", "ramtorch", "ramtorch_text_encoder", "musubi_blocks_to_swap")

@@ -26,8 +26,8 @@ from sd3fit.measure import settings as measure_settings
 from sd3fit.runs import Run, last_checkpoint
 from sd3fit.schema import SPEED_KEYS
 from sd3fit.simpletuner import compat
-from sd3fit.simpletuner.patches import (compiled_blocks, cpu_pin_memory, gradient_release, interrupt, metrics_log,
-                                        optimizer_offload, phases, step_measure, vae_tiles, validation_images)
+from sd3fit.simpletuner.patches import (compiled_blocks, cpu_pin_memory, fused_optimizer, gradient_release, interrupt,
+                                        metrics_log, optimizer_offload, phases, step_measure, vae_tiles, validation_images)
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 
@@ -44,18 +44,21 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
     interrupt.check(Trainer)
     phases.check(Trainer)
     optimizer_offload.check(Trainer)
+    fused_optimizer.apply()
     phases.apply(measurement.phases)
     vae_tiles.apply(own.get("vae_tile_size"))
     compiled_blocks.apply(bool(own.get("compile_blocks")))
     validation_images.apply(measurement.write_images if _is_main_process() else None)
 
     class SD3FitTrainer(interrupt.InterruptibleTrainer, phases.PhasedTrainer, step_measure.MeasuredTrainer,
-                        gradient_release.ReleasingTrainer, optimizer_offload.OffloadingTrainer, Trainer):
-        """SimpleTuner's Trainer with sd3fit's run phases, per-run metrics, ranges and profiler, gradient release that
-        works with every optimizer, optimizer state out of the way of validation, and a checkpoint before stopping on
-        SIGINT or SIGTERM."""
+                        fused_optimizer.FusedOptimizerTrainer, gradient_release.ReleasingTrainer,
+                        optimizer_offload.OffloadingTrainer, Trainer):
+        """SimpleTuner's Trainer with sd3fit's run phases, per-run metrics, ranges and profiler, adamw_bf16 stepped
+        by multi-tensor kernels on request, gradient release that works with every optimizer, optimizer state out of
+        the way of validation, and a checkpoint before stopping on SIGINT or SIGTERM."""
 
         sd3fit_measurement = measurement
+        sd3fit_fused_optimizer = bool(own.get("fused_optimizer"))
         sd3fit_offload_optimizer_state = bool(own.get("offload_optimizer_state"))
         sd3fit_interrupt = stop
 
@@ -92,6 +95,22 @@ def _model_facts(trainer) -> dict[str, int]:
         "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
         "quantized_modules": sum(1 for m in net.modules() if type(m).__module__.startswith(quant_libraries)),
     }
+
+
+def _optimizer_facts(trainer) -> dict:
+    """The class and settings of the optimizer the run stepped with: what the preset's optimizer keys produced."""
+    optimizer = getattr(trainer, "optimizer", None)
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    if optimizer is None:
+        return {}
+    simple = (bool, int, float, str, type(None))
+
+    def plain(value) -> bool:  # what result.json can hold
+        return isinstance(value, simple) or (isinstance(value, tuple) and all(isinstance(v, simple) for v in value))
+
+    settings = {key: list(value) if isinstance(value, tuple) else value
+                for key, value in getattr(optimizer, "defaults", {}).items() if plain(value)}
+    return {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}", **settings}
 
 
 def _artifacts(run: Run, options: dict) -> dict[str, str]:
@@ -187,10 +206,11 @@ def train(run: Run) -> dict:
         trainer = _make_trainer(options, measurement, config.get("sd3fit", {}), stop)
         with dynamo_config_context(trainer.config):
             contextvars.copy_context().run(_run_training, trainer)
-        try:
-            result["transformer"] = _model_facts(trainer)
-        except Exception as exc:  # a bookkeeping failure must not turn a finished run into a failed one
-            result["transformer"] = {"error": f"{type(exc).__name__}: {exc}"}
+        for key, facts in (("transformer", _model_facts), ("optimizer", _optimizer_facts)):
+            try:
+                result[key] = facts(trainer)
+            except Exception as exc:  # a bookkeeping failure must not turn a finished run into a failed one
+                result[key] = {"error": f"{type(exc).__name__}: {exc}"}
         step = int(trainer.state.get("global_step", 0))
         target = int(options.get("max_train_steps") or 0)
         result["global_step"] = step
