@@ -67,6 +67,11 @@ SPEED_KEYS: dict[str, Key] = {
         "Step all parameters at once with multi-tensor kernels (torch-optimi's foreach AdamW with Kahan summation for "
         "adamw_bf16) instead of one parameter at a time.",
     ),
+    "cache_trainable_params": Key(
+        "bool",
+        "List the trainable parameters once when training starts instead of walking the whole model for them twice "
+        "every step (tens of milliseconds of host time per step at SD3 Medium's size).",
+    ),
 }
 SD3FIT_KEYS.update(SPEED_KEYS)
 

@@ -27,7 +27,8 @@ from sd3fit.runs import Run, last_checkpoint
 from sd3fit.schema import SPEED_KEYS
 from sd3fit.simpletuner import compat
 from sd3fit.simpletuner.patches import (compiled_blocks, cpu_pin_memory, fused_optimizer, gradient_release, interrupt,
-                                        metrics_log, optimizer_offload, phases, step_measure, vae_tiles, validation_images)
+                                        metrics_log, optimizer_offload, phases, step_measure, trainable_params, vae_tiles,
+                                        validation_images)
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 
@@ -44,6 +45,7 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
     interrupt.check(Trainer)
     phases.check(Trainer)
     optimizer_offload.check(Trainer)
+    trainable_params.check(Trainer)
     fused_optimizer.apply()
     phases.apply(measurement.phases)
     vae_tiles.apply(own.get("vae_tile_size"))
@@ -51,14 +53,15 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
     validation_images.apply(measurement.write_images if _is_main_process() else None)
 
     class SD3FitTrainer(interrupt.InterruptibleTrainer, phases.PhasedTrainer, step_measure.MeasuredTrainer,
-                        fused_optimizer.FusedOptimizerTrainer, gradient_release.ReleasingTrainer,
-                        optimizer_offload.OffloadingTrainer, Trainer):
+                        fused_optimizer.FusedOptimizerTrainer, trainable_params.TrainableListTrainer,
+                        gradient_release.ReleasingTrainer, optimizer_offload.OffloadingTrainer, Trainer):
         """SimpleTuner's Trainer with sd3fit's run phases, per-run metrics, ranges and profiler, adamw_bf16 stepped
         by multi-tensor kernels on request, gradient release that works with every optimizer, optimizer state out of
         the way of validation, and a checkpoint before stopping on SIGINT or SIGTERM."""
 
         sd3fit_measurement = measurement
         sd3fit_fused_optimizer = bool(own.get("fused_optimizer"))
+        sd3fit_cache_trainable_params = bool(own.get("cache_trainable_params"))
         sd3fit_offload_optimizer_state = bool(own.get("offload_optimizer_state"))
         sd3fit_interrupt = stop
 
