@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 import traceback
+import tracemalloc
 from pathlib import Path
 
 from sd3fit import resume
@@ -27,8 +28,8 @@ from sd3fit.runs import Run, last_checkpoint
 from sd3fit.schema import SPEED_KEYS
 from sd3fit.simpletuner import compat
 from sd3fit.simpletuner.patches import (compiled_blocks, cpu_pin_memory, fused_optimizer, gradient_release, interrupt,
-                                        metrics_log, optimizer_offload, phases, step_measure, trainable_params, vae_tiles,
-                                        validation_images)
+                                        metrics_log, optimizer_offload, phases, step_measure, tracemalloc_off,
+                                        trainable_params, vae_tiles, validation_images)
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 
@@ -50,6 +51,7 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
     phases.apply(measurement.phases)
     vae_tiles.apply(own.get("vae_tile_size"))
     compiled_blocks.apply(bool(own.get("compile_blocks")))
+    tracemalloc_off.apply(bool(own.get("skip_tracemalloc")))
     validation_images.apply(measurement.write_images if _is_main_process() else None)
 
     class SD3FitTrainer(interrupt.InterruptibleTrainer, phases.PhasedTrainer, step_measure.MeasuredTrainer,
@@ -155,7 +157,8 @@ def _first_oom_phase(measure: dict) -> str | None:
 
 def _speed(own: dict) -> dict:
     """Which speed patches the run had on, and what they did."""
-    out: dict = {"patches": sorted(key for key in SPEED_KEYS if own.get(key))}
+    out: dict = {"patches": sorted(key for key in SPEED_KEYS if own.get(key)),
+                 "tracemalloc": tracemalloc.is_tracing()}  # upstream leaves it on unless skip_tracemalloc
     blocks = compiled_blocks.stats()
     if blocks is not None:
         out["compile_blocks"] = blocks
