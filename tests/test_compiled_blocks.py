@@ -1,14 +1,10 @@
 """Compiled MMDiT blocks (sd3fit.speed.compiled, sd3fit.simpletuner.patches.compiled_blocks)."""
 
-import json
-
 import pytest
 import torch
 
-from conftest import run_sd3fit
 from sd3fit import presets, schema
 from sd3fit.errors import UserError
-from sd3fit.runs import Run
 from sd3fit.simpletuner.patches import compiled_blocks
 
 
@@ -93,35 +89,3 @@ def test_compiled_blocks_refuse_weights_that_move_or_are_quantized(override, wor
     with pytest.raises(UserError, match=words):
         presets.load("lora-24gb", ["compile_blocks=true", override, *extra])
     presets.load("lora-24gb", ["compile_blocks=false", override, *extra])  # the patch off: accepted
-
-
-def losses(run: Run) -> list[float]:
-    rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
-    return [row["train_loss"] for row in rows if "train_loss" in row]
-
-
-@pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory, demo_assets):
-    root = tmp_path_factory.mktemp("compiled")
-    out = {}
-    for name, overrides in {"eager": ["compile_blocks=false"], "compiled": ["compile_blocks=true"],
-                            "other_seed": ["compile_blocks=false", "seed=43"]}.items():
-        proc = run_sd3fit("train", *overrides, "--name", name, "--runs-dir", str(root), timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        out[name] = Run(root / name)
-    return out
-
-
-def test_the_demo_trains_the_same_with_compiled_blocks(demo_runs):
-    result = json.loads(demo_runs["compiled"].result.read_text())
-    assert result["speed"]["patches"] == ["compile_blocks"]
-    blocks = result["speed"]["compile_blocks"]
-    assert blocks["compiled_calls"] > 0 and blocks["eager_calls"] == 0
-    assert json.loads(demo_runs["eager"].result.read_text())["speed"] == {"patches": []}
-    eager, compiled, other = (losses(demo_runs[k]) for k in ("eager", "compiled", "other_seed"))
-    assert len(eager) == len(compiled) == len(other) > 0
-    gap = max(abs(a - b) for a, b in zip(eager, compiled))
-    spread = max(abs(a - b) for a, b in zip(eager, other))
-    # another seed draws other timesteps and noise: its losses differ by a large fraction; compiling changes only
-    # the rounding of a few fused operations
-    assert gap < 0.05 * spread, (eager, compiled, other)
