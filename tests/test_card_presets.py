@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from sd3fit import fit, host, presets
+from sd3fit import fit, host, presets, schema
 from test_train_e2e import assert_changes_output, base, train  # noqa: F401  (base is a fixture)
 
 STEPS = 50
@@ -91,6 +91,11 @@ def test_card_preset_trains_like_its_unconstrained_counterpart(tmp_path, preset,
     options = json.loads(run.config.read_text())["simpletuner"]
     assert (result["transformer"]["quantized_modules"] > 0) == (options.get("base_model_precision") == "int8-quanto")
     assert (run.output / f"checkpoint-{STEPS // 2}").is_dir()  # a checkpoint saved inside the run
+    speed = result["speed"]
+    assert speed["patches"] == sorted(key for key in schema.SPEED_KEYS if data.get(key))
+    if data.get("release_by_block"):  # torchao's AdamW stepped a block per compiled call
+        release = speed["gradient_release"]
+        assert release["compiled_buckets"] and 0 < release["bucket_steps"] < release["parameter_steps"]
     pipe, base_images = base
     if kind == "lora":
         pipe.load_lora_weights(result["artifacts"]["adapter"], adapter_name="tuned")

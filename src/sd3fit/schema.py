@@ -77,6 +77,12 @@ SPEED_KEYS: dict[str, Key] = {
         "Keep Python's allocation tracing off: SimpleTuner starts tracemalloc when it configures the datasets and "
         "leaves it on for the whole run, which slows every Python allocation of every step.",
     ),
+    "release_by_block": Key(
+        "bool",
+        "With optimizer_release_gradients, step the parameters of each transformer block together once all their "
+        "gradients are in (torchao's low-bit AdamW: one compiled call per block instead of one per parameter); holds "
+        "the gradients of one block at most.",
+    ),
 }
 SD3FIT_KEYS.update(SPEED_KEYS)
 

@@ -13,6 +13,11 @@ a gradient: torch's, torchao's low-bit AdamW, SimpleTuner's adamw_bf16.
 
 Gradient clipping by value is elementwise, so clamping each gradient in its hook is exactly what clipping all of
 them after backward would do; clipping by norm needs every gradient at once and cannot be combined with release.
+
+Buckets (`buckets=`, e.g. the parameters of each transformer block): a bucket is stepped once all its gradients are
+in, in one `step()` over the bucket (a foreach optimizer then batches it) or one `step_many(optimizer, params,
+group)` call (sd3fit.lean.ao_multistep for torchao's low-bit AdamW); at most the gradients of the buckets still
+filling are held. `flush()` after backward steps what a bucket got when some of its parameters got no gradient.
 """
 
 from __future__ import annotations
@@ -33,43 +38,89 @@ class GradientRelease:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor],
-                 clip_value: float | None = None, accumulating: Callable[[], bool] = lambda: False):
+                 clip_value: float | None = None, accumulating: Callable[[], bool] = lambda: False,
+                 buckets: Iterable[Iterable[torch.Tensor]] | None = None, step_many: Callable | None = None):
         self.optimizer = optimizer
         self.clip_value = clip_value or None
         self.accumulating = accumulating
+        self.step_many = step_many
         self.steps = 0  # parameter steps taken, for tests and logs
+        self.bucket_steps = 0
         self._absmax: torch.Tensor | None = None
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         self._group_of = {}
         self._handles = []
+        hooked = []
         for p in params:
             if not p.requires_grad:
                 continue
             if id(p) not in group_of:
                 raise ValueError("gradient release: a trainable parameter is not in the optimizer's param_groups")
             self._group_of[id(p)] = group_of[id(p)]
-            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
-        if not self._handles:
+            hooked.append(p)
+        if not hooked:
             raise ValueError("gradient release: no trainable parameter to hook")
+        # every hooked parameter in exactly one bucket: the given ones, then one of its own for any left out
+        self._bucket_of: dict[int, int] = {}
+        self._sizes: list[int] = []
+        for bucket in buckets or []:
+            members = [p for p in bucket if id(p) in self._group_of and id(p) not in self._bucket_of]
+            for p in members:
+                self._bucket_of[id(p)] = len(self._sizes)
+            if members:
+                self._sizes.append(len(members))
+        for p in hooked:
+            if id(p) not in self._bucket_of:
+                self._bucket_of[id(p)] = len(self._sizes)
+                self._sizes.append(1)
+        self._ready: list[list[torch.Tensor]] = [[] for _ in self._sizes]
+        for p in hooked:
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
 
-    @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
         if p.grad is None or self.accumulating():
             return
-        largest = p.grad.detach().abs().max().float()
+        index = self._bucket_of[id(p)]
+        self._ready[index].append(p)
+        if len(self._ready[index]) == self._sizes[index]:
+            self._step(index)
+
+    def flush(self) -> None:
+        """Step the buckets that got only some of their gradients (parameters the step did not use)."""
+        for index, ready in enumerate(self._ready):
+            if ready:
+                self._step(index)
+
+    @torch.no_grad()
+    def _step(self, index: int) -> None:
+        params, self._ready[index] = self._ready[index], []
+        grads = [p.grad for p in params]
+        largest = (grads[0].detach().abs().max() if len(grads) == 1
+                   else torch.stack(torch._foreach_norm(grads, float("inf")))).max().float()
         self._absmax = largest if self._absmax is None else torch.maximum(self._absmax, largest.to(self._absmax.device))
         if self.clip_value is not None:
-            p.grad.clamp_(-self.clip_value, self.clip_value)
-        narrowed = dict(self._group_of[id(p)])
-        narrowed["params"] = [p]
-        groups = self.optimizer.param_groups
-        self.optimizer.param_groups = [narrowed]
-        try:
-            self.optimizer.step()
-        finally:
-            self.optimizer.param_groups = groups
-        p.grad = None
-        self.steps += 1
+            torch._foreach_clamp_min_(grads, -self.clip_value)
+            torch._foreach_clamp_max_(grads, self.clip_value)
+        by_group: dict[int, list[torch.Tensor]] = {}
+        for p in params:
+            by_group.setdefault(id(self._group_of[id(p)]), []).append(p)
+        for members in by_group.values():
+            group = self._group_of[id(members[0])]
+            if self.step_many is not None:
+                self.step_many(self.optimizer, members, group)
+                continue
+            narrowed = dict(group)
+            narrowed["params"] = members
+            groups = self.optimizer.param_groups
+            self.optimizer.param_groups = [narrowed]
+            try:
+                self.optimizer.step()
+            finally:
+                self.optimizer.param_groups = groups
+        for p in params:
+            p.grad = None
+        self.steps += len(params)
+        self.bucket_steps += 1
 
     def take_absmax(self) -> torch.Tensor | None:
         value, self._absmax = self._absmax, None
@@ -79,3 +130,15 @@ class GradientRelease:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def module_buckets(module: torch.nn.Module) -> list[list[torch.Tensor]]:
+    """Buckets that follow a model's structure: each element of a list of blocks (`nn.ModuleList`, e.g. SD3's
+    `transformer_blocks`) is one bucket, every other child module one bucket, parameters of the model itself one."""
+    buckets = [list(module.parameters(recurse=False))]
+    for child in module.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
+            buckets.extend(list(block.parameters()) for block in child)
+        else:
+            buckets.append(list(child.parameters()))
+    return [bucket for bucket in buckets if bucket]

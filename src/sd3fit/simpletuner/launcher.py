@@ -64,6 +64,7 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
         sd3fit_measurement = measurement
         sd3fit_fused_optimizer = bool(own.get("fused_optimizer"))
         sd3fit_cache_trainable_params = bool(own.get("cache_trainable_params"))
+        sd3fit_release_by_block = bool(own.get("release_by_block"))
         sd3fit_offload_optimizer_state = bool(own.get("offload_optimizer_state"))
         sd3fit_interrupt = stop
 
@@ -155,13 +156,17 @@ def _first_oom_phase(measure: dict) -> str | None:
     return next((name for name, part in measure.get("phases", {}).items() if part.get("ooms")), None)
 
 
-def _speed(own: dict) -> dict:
+def _speed(own: dict, trainer=None) -> dict:
     """Which speed patches the run had on, and what they did."""
     out: dict = {"patches": sorted(key for key in SPEED_KEYS if own.get(key)),
                  "tracemalloc": tracemalloc.is_tracing()}  # upstream leaves it on unless skip_tracemalloc
     blocks = compiled_blocks.stats()
     if blocks is not None:
         out["compile_blocks"] = blocks
+    release = getattr(trainer, "sd3fit_release", None)
+    if release is not None:  # gradient release: parameter steps, and how many calls made them
+        out["gradient_release"] = {"parameter_steps": release.steps, "bucket_steps": release.bucket_steps,
+                                   "compiled_buckets": release.step_many is not None}
     return out
 
 
@@ -254,7 +259,7 @@ def train(run: Run) -> dict:
         if trainer is not None:
             trainer.cleanup()
         result["wall_seconds"] = round(time.time() - started, 3)
-        result["speed"] = _speed(config.get("sd3fit", {}))
+        result["speed"] = _speed(config.get("sd3fit", {}), trainer)
         result["artifacts"] = _artifacts(run, options)
         try:
             measurement.close()  # idempotent: end_training already closed it when training got that far

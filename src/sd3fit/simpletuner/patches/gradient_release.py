@@ -16,6 +16,11 @@ rounding, SimpleTuner's adamw_bf16, optimi's, torch's). Clipping by value (upstr
 each parameter's hook, where it is exact; clipping by norm is refused before training (`sd3fit.schema`). The loop's
 own clipping call, which finds no gradient left, is skipped, and grad_absmax is the largest value the hooks saw.
 Gradient accumulation follows upstream's flag (`optimizer.optimizer_accumulation`, set on every micro-step).
+
+With the speed key `release_by_block`, the parameters are stepped a block at a time (each transformer block, each
+other top-level module) once all the block's gradients are in: torchao's low-bit AdamW through one compiled call per
+block (`sd3fit.lean.ao_multistep`) instead of one per parameter, any other optimizer through one `step()` over the
+block; after each backward the blocks whose parameters got no gradient are stepped with what they got.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from __future__ import annotations
 import functools
 import inspect
 
-from sd3fit.lean.release import GradientRelease
+from sd3fit.lean import ao_multistep
+from sd3fit.lean.release import GradientRelease, module_buckets
 from sd3fit.simpletuner import compat
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
@@ -56,6 +62,7 @@ def _inner(optimizer):
 
 class ReleasingTrainer:
     sd3fit_release = None
+    sd3fit_release_by_block = False  # the `release_by_block` speed key
 
     def init_optimizer(self):
         if not getattr(self.config, "optimizer_release_gradients", False):
@@ -66,9 +73,13 @@ class ReleasingTrainer:
         finally:
             self.config.optimizer_release_gradients = True  # the loop's branch that leaves stepping to the hooks
         component = self.model.get_trained_component()
+        inner = _inner(self.optimizer)
+        by_block = self.sd3fit_release_by_block
         self.sd3fit_release = GradientRelease(
-            _inner(self.optimizer), component.parameters(), clip_value=clip_value(self.config),
+            inner, component.parameters(), clip_value=clip_value(self.config),
             accumulating=lambda: bool(getattr(self.optimizer, "optimizer_accumulation", False)),
+            buckets=module_buckets(component) if by_block else None,
+            step_many=ao_multistep.step_many if by_block and ao_multistep.supports(inner) else None,
         )
 
     def _max_grad_value(self):
@@ -87,4 +98,13 @@ class ReleasingTrainer:
                     return original(parameters, clip_value)
 
             accelerator.clip_grad_value_ = clip_grad_value_
+            backward, release = accelerator.backward, self.sd3fit_release
+
+            @functools.wraps(backward)
+            def backward_then_flush(*args, **kwargs):
+                out = backward(*args, **kwargs)
+                release.flush()  # blocks some of whose parameters got no gradient this step
+                return out
+
+            accelerator.backward = backward_then_flush
         return super().train()
