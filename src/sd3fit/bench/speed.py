@@ -15,10 +15,8 @@ from dataclasses import dataclass
 
 from sd3fit.errors import UserError
 from sd3fit.schema import SPEED_KEYS
+from sd3fit.speedrows import SD3FIT, STOCK, WITHOUT, label  # noqa: F401  (label: the runner reads rows with it)
 
-SD3FIT = "sd3fit"
-STOCK = "stock"
-WITHOUT = "without "  # label prefix of a run with one patch off: "without compile_blocks"
 MODES = (SD3FIT, STOCK, "both", "each")
 
 
@@ -56,7 +54,3 @@ def variants(mode: str, values: dict) -> list[Variant]:
         found += [Variant(WITHOUT + key, (key,)) for key in patches_on(values)]
     return found
 
-
-def label(row: dict) -> str:
-    """A results row's speed label; rows written before --speed existed ran the presets as written."""
-    return row.get("speed") or SD3FIT

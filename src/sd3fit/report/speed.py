@@ -7,17 +7,12 @@ Reads result rows only (their `speed` labels); it imports no benchmark or traini
 
 from __future__ import annotations
 
-SD3FIT = "sd3fit"
-STOCK = "stock"
-WITHOUT = "without "
+from sd3fit.speedrows import SD3FIT, STOCK, WITHOUT, label
+
 TIMES = ("step_s_median", "images_per_s")  # compare whenever both runs trained; memory peaks need finished runs
 COMPARED = (("step_s_median", "step time"), ("images_per_s", "images/s"),
             ("step_peak_allocated_gib", "steps: peak alloc."), ("run_peak_reserved_gib", "whole run: peak reserved"))
 
-
-def label(row: dict) -> str:
-    """A row's speed label; rows written before `--speed` existed ran the presets as written."""
-    return row.get("speed") or SD3FIT
 
 
 def ratio(row: dict | None, base: dict | None, key: str) -> float | None:
