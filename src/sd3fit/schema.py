@@ -86,6 +86,11 @@ SPEED_KEYS: dict[str, Key] = {
 }
 SD3FIT_KEYS.update(SPEED_KEYS)
 
+
+def speed_patches(values: dict[str, Any]) -> list[str]:
+    """The speed keys a preset's (or a run's) values turn on, sorted."""
+    return sorted(key for key in SPEED_KEYS if values.get(key))
+
 # SimpleTuner options that sd3fit sets for every run, with the reason a preset may not.
 OWNED_KEYS: dict[str, str] = {
     "output_dir": "each run writes to runs/<name>/output; choose the name with --name",

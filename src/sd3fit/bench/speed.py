@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sd3fit.errors import UserError
-from sd3fit.schema import SPEED_KEYS
+from sd3fit.schema import SPEED_KEYS, speed_patches
 from sd3fit.speedrows import SD3FIT, STOCK, WITHOUT, label  # noqa: F401  (label: the runner reads rows with it)
 
 MODES = (SD3FIT, STOCK, "both", "each")
@@ -37,7 +37,7 @@ class Variant:
 
 def patches_on(values: dict) -> list[str]:
     """The speed keys a (validated, overridden) preset turns on, sorted: a row's `speed_patches`."""
-    return sorted(key for key in SPEED_KEYS if values.get(key))
+    return speed_patches(values)
 
 
 def variants(mode: str, values: dict) -> list[Variant]:

@@ -2,7 +2,7 @@
 
 Rows are compared only within one group: the same GPU model, model (real or random weights), resolution and batch
 size. Each group gets its own table and its own pair of figures, so numbers from different GPUs never share one.
-Ratios compare a preset with the full fine-tune of the same group under the same GPU budget and speed label; runs
+Ratios (`report.compare.ratio`) compare a preset with the full fine-tune of the same group under the same GPU budget and speed label; runs
 of a preset with sd3fit's speed patches and without them (`sd3fit bench --speed`) get their own table (`speed`).
 """
 
@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from sd3fit.host import CARD_SIZES_GB, GIB  # noqa: E402
 from sd3fit.report import speed  # noqa: E402
+from sd3fit.report.compare import fmt as _f  # noqa: E402
+from sd3fit.report.compare import ratio  # noqa: E402
 from sd3fit.report.write import slug  # noqa: E402
 
 STATUS = {"finished": "ran", "out_of_memory": "**out of memory**", "failed": "failed"}
@@ -59,20 +61,6 @@ def _entries(group: list[dict]) -> tuple[list[tuple[str, str]], list[str]]:
     several = len({label for _, label in entries}) > 1
     # "without compile_blocks" on two lines: neighbouring labels would overlap on one
     return entries, ["\n".join([preset, *label.split(" ")]) if several else preset for preset, label in entries]
-
-
-def ratio(row: dict, full: dict | None, key: str) -> float | None:
-    """row / full fine-tune. Step times compare whenever both trained; memory peaks only when both runs finished
-    (an out-of-memory error cuts a run's peak short)."""
-    if not full or not row.get(key) or not full.get(key):
-        return None
-    if not key.startswith("step_s") and (row["status"] != "finished" or full["status"] != "finished"):
-        return None
-    return row[key] / full[key]
-
-
-def _f(value, spec: str = ".2f") -> str:
-    return "–" if value is None else format(value, spec)
 
 
 def title(key: tuple) -> str:

@@ -7,25 +7,13 @@ Reads result rows only (their `speed` labels); it imports no benchmark or traini
 
 from __future__ import annotations
 
+from sd3fit.report.compare import fmt as _f
+from sd3fit.report.compare import ratio
 from sd3fit.speedrows import SD3FIT, STOCK, WITHOUT, label
 
-TIMES = ("step_s_median", "images_per_s")  # compare whenever both runs trained; memory peaks need finished runs
 COMPARED = (("step_s_median", "step time"), ("images_per_s", "images/s"),
             ("step_peak_allocated_gib", "steps: peak alloc."), ("run_peak_reserved_gib", "whole run: peak reserved"))
 
-
-
-def ratio(row: dict | None, base: dict | None, key: str) -> float | None:
-    """row / base, or None where one is missing, or a memory peak was cut short by an error."""
-    if not row or not base or not row.get(key) or not base.get(key):
-        return None
-    if key not in TIMES and (row["status"] != "finished" or base["status"] != "finished"):
-        return None
-    return row[key] / base[key]
-
-
-def _f(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}"
 
 
 def comparisons(group: list[dict]) -> list[tuple[dict, dict, dict[str, dict]]]:

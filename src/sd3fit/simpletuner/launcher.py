@@ -25,7 +25,7 @@ from sd3fit import resume
 from sd3fit.errors import UserError
 from sd3fit.measure import settings as measure_settings
 from sd3fit.runs import Run, last_checkpoint
-from sd3fit.schema import SPEED_KEYS
+from sd3fit.schema import speed_patches
 from sd3fit.simpletuner import compat
 from sd3fit.simpletuner.patches import (compiled_blocks, cpu_pin_memory, fused_optimizer, gradient_release, interrupt,
                                         metrics_log, optimizer_offload, phases, step_measure, tracemalloc_off,
@@ -158,7 +158,7 @@ def _first_oom_phase(measure: dict) -> str | None:
 
 def _speed(own: dict, trainer=None) -> dict:
     """Which speed patches the run had on, and what they did."""
-    out: dict = {"patches": sorted(key for key in SPEED_KEYS if own.get(key)),
+    out: dict = {"patches": speed_patches(own),
                  "tracemalloc": tracemalloc.is_tracing()}  # upstream leaves it on unless skip_tracemalloc
     blocks = compiled_blocks.stats()
     if blocks is not None:
