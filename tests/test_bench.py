@@ -209,6 +209,19 @@ def test_report_keeps_gpus_apart_and_compares_with_the_full_fine_tune_of_the_sam
     oom = _cells(section_b, "| `lora` | 16GB")
     assert oom[2:4] == ["sd3fit", "**out of memory**"] and oom[-3:] == ["–", "–", "–"]  # no full fine-tune under 16GB
     assert "under budget 16GB" in section_b
+    assert "another process" not in text
+
+
+def test_report_says_when_another_process_held_the_gpu(tmp_path):
+    from sd3fit.report import bench
+
+    busy = _row("lora", "GPU A", 1.0)
+    busy["gpu_in_use_before_gib"] = 5.76
+    quiet = _row("full", "GPU A", 2.0, model_type="full", reserved=20.0, in_steps=16.0)
+    quiet["gpu_in_use_before_gib"] = 0.0
+    bench.write([quiet, busy], tmp_path / "report")
+    notes = [line for line in (tmp_path / "report" / "summary.md").read_text().splitlines() if "another process" in line]
+    assert len(notes) == 1 and notes[0].startswith("- `lora`") and "5.76 GiB" in notes[0]
 
 
 # -- the benchmark, for real --------------------------------------------------------------------------------------
@@ -333,3 +346,32 @@ def test_a_results_line_cut_short_by_a_kill_is_left_out_and_other_damage_is_an_e
     (tmp_path / "results.jsonl").write_text('{"preset": "b", "sta\n' + good + "\n")
     with pytest.raises(UserError, match="line 1 is not JSON"):
         results.read(tmp_path)
+
+
+def test_an_interrupted_benchmark_kills_its_trainer_at_once(tmp_path):
+    """A benchmark's run is never resumed: on Ctrl-C (or `timeout`) the trainer must not be left training, nor be
+    waited for while it compiles its way to a step boundary."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "trainer.pid"
+    stubborn = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); print('ready', flush=True); time.sleep(120)")
+    script = ("import sys; from sd3fit import launch; from sd3fit.runs import Run; "
+              f"run = Run(__import__('pathlib').Path({str(tmp_path)!r})); "
+              f"sys.exit(launch._launch(run, [sys.executable, '-c', {stubborn!r}], dict(__import__('os').environ), "
+              "False, False, None, stop_at_once=True))")
+    bench = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    trainer = int(pid_file.read_text())
+    bench.send_signal(signal.SIGINT)
+    bench.wait(timeout=20)  # not the trainer's 120 s: it ignores SIGTERM, so only a kill ends it
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(trainer, 0)
+    assert "ready" in (tmp_path / "train.log").read_text()

@@ -46,18 +46,49 @@ def nvidia_smi(fields: str, select: list[str] = ()) -> list[list[str]] | None:
     return [[value.strip() for value in line.split(",")] for line in out.stdout.strip().splitlines() if line.strip()]
 
 
+def _visible() -> list[str]:
+    """nvidia-smi's selection of the GPUs CUDA_VISIBLE_DEVICES names (when it names them by number)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return ["-i", visible] if visible and all(part.strip().isdigit() for part in visible.split(",")) else []
+
+
 def gpu() -> tuple[str, float] | None:
     """Name and total memory (GiB) of the visible GPU with the most memory, from nvidia-smi. The largest:
     nvidia-smi's numbering may differ from CUDA's, and a refusal must never be wrong."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-    select = ["-i", visible] if visible and all(part.strip().isdigit() for part in visible.split(",")) else []
     found = []
-    for *name, mib in nvidia_smi("name,memory.total", select) or []:
+    for *name, mib in nvidia_smi("name,memory.total", _visible()) or []:
         try:
             found.append((",".join(name), float(mib) / 1024))
         except ValueError:  # "[N/A]" on some shared-memory and MIG systems: no verdict
             return None
     return max(found, key=lambda item: item[1]) if found else None
+
+
+def gpu_capability() -> tuple[int, int] | None:
+    """The highest CUDA compute capability among the visible GPUs, from nvidia-smi; None without one (or when it
+    cannot say). The highest: a refusal must never be wrong."""
+    found = []
+    for row in nvidia_smi("compute_cap", _visible()) or []:
+        major, _, minor = (row[0] if row else "").partition(".")
+        if not (major.isdigit() and minor.isdigit()):
+            return None
+        found.append((int(major), int(minor)))
+    return max(found) if found else None
+
+
+GPU_BUSY_GIB = 0.5  # GPU memory others use before a run above which its device-wide figures are not its own
+
+
+def gpu_memory_used_gib() -> float | None:
+    """Memory in use on the visible GPUs (the most on any one, GiB) by every process, from nvidia-smi; None without
+    it. Asked where this process holds no CUDA context, it is other processes' memory."""
+    used = []
+    for row in nvidia_smi("memory.used", _visible()) or []:
+        try:
+            used.append(float(row[0]) / 1024)
+        except (ValueError, IndexError):
+            return None
+    return max(used) if used else None
 
 
 def ram_gib() -> float | None:

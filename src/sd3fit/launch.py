@@ -103,7 +103,7 @@ class _Forwarder:
 
 
 def launch(prepared: Prepared, num_processes: int = 1, env: dict[str, str] | None = None, echo: bool = True,
-           forward_signals: bool = False, console=None) -> int:
+           forward_signals: bool = False, console=None, stop_at_once: bool = False) -> int:
     """Run the launcher, copying its output to train.log (and to the console with `echo`, or through `console`,
     which shows less); return its exit code. `env` adds variables for the trainer's process (the benchmark's memory
     cap, the checkpoint to resume from).
@@ -111,6 +111,8 @@ def launch(prepared: Prepared, num_processes: int = 1, env: dict[str, str] | Non
     The trainer runs in a process group of its own, so a Ctrl-C at the terminal reaches sd3fit only. A
     KeyboardInterrupt here sends it SIGTERM; with `forward_signals`, SIGINT and SIGTERM are passed on as they came
     (a second one kills it) and the return value is 128 + the signal's number unless training finished anyway.
+    With `stop_at_once` (a benchmark's runs, which nobody resumes) a KeyboardInterrupt kills the trainer's group at
+    once: a trainer still compiling its first step can take minutes to reach the step it would stop after.
     Whatever the trainer leaves running in its group when it exits is killed."""
     run = prepared.run
     module = ["-m", "sd3fit.simpletuner.launcher", str(run.dir)]
@@ -120,12 +122,13 @@ def launch(prepared: Prepared, num_processes: int = 1, env: dict[str, str] | Non
         cmd = [sys.executable, *module]
     run.pid.write_text(f"{os.getpid()}\n")
     try:
-        return _launch(run, cmd, {**child_env(prepared), **(env or {})}, echo, forward_signals, console)
+        return _launch(run, cmd, {**child_env(prepared), **(env or {})}, echo, forward_signals, console, stop_at_once)
     finally:
         run.pid.unlink(missing_ok=True)
 
 
-def _launch(run: runs.Run, cmd: list[str], env: dict[str, str], echo: bool, forward_signals: bool, console) -> int:
+def _launch(run: runs.Run, cmd: list[str], env: dict[str, str], echo: bool, forward_signals: bool, console,
+            stop_at_once: bool = False) -> int:
     # unbuffered: each chunk reaches train.log at once, so nothing is lost if sd3fit itself is killed
     with run.log.open("ab", buffering=0) as log:
         proc = subprocess.Popen(cmd, cwd=run.dir, env=env, stdout=subprocess.PIPE,
@@ -139,7 +142,7 @@ def _launch(run: runs.Run, cmd: list[str], env: dict[str, str], echo: bool, forw
                     _copy_output(proc, log, echo, console)
                     break
                 except KeyboardInterrupt:
-                    if terminated:
+                    if terminated or stop_at_once:
                         _end_group(proc)
                     else:
                         proc.terminate()

@@ -21,7 +21,7 @@ FIELDS = (
     "step_s_median", "step_s_p10", "step_s_p90", "interval_s_median", "images_per_s",
     "model_tflop_per_image", "peak_tflops", "mfu",
     "step_peak_allocated_gib", "step_peak_reserved_gib", "run_peak_allocated_gib", "run_peak_reserved_gib",
-    "outside_allocator_gib", "run_peak_device_gib", "run_peak_rss_gib", "peak_phase", "phase_reserved_gib", "card", "alloc_retries", "parameters", "trainable_parameters", "quantized_modules", "wall_s",
+    "outside_allocator_gib", "run_peak_device_gib", "gpu_in_use_before_gib", "run_peak_rss_gib", "peak_phase", "phase_reserved_gib", "card", "alloc_retries", "parameters", "trainable_parameters", "quantized_modules", "wall_s",
     "model", "model_label", "run",
     "gpu", "gpu_memory_gib", "driver", "cuda", "cpu", "python", "sd3fit", "simpletuner", "torch", "diffusers",
     "transformers", "peft", "accelerate", "optimum_quanto", "torchao", "bitsandbytes", "torch_optimi", "ram_gib",

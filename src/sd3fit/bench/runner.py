@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sd3fit import hub, launch, presets, sd3_medium, train
+from sd3fit import host, hub, launch, presets, sd3_medium, train
 from sd3fit.bench import budget as budgets
 from sd3fit.bench import flops, results, rows
 from sd3fit.bench import speed as speeds
@@ -192,7 +192,7 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
     def stop(signum, frame):
         interrupted.append(signum)
         if training[0]:
-            raise KeyboardInterrupt  # launch.launch terminates the trainer
+            raise KeyboardInterrupt  # launch.launch kills the trainer: a cut-off run gives no row anyway
         # between runs: finish writing the current row, then stop (a row is never cut in half)
 
     # Ctrl-C, `timeout` and schedulers: stop the running trainer, keep the rows written so far
@@ -208,10 +208,14 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
               flush=True)
         # an empty value means no cap, also when the user's environment sets one
         env = {"SD3FIT_GPU_BUDGET_GIB": "" if cap.gib is None else str(cap.gib)}
+        in_use = host.gpu_memory_used_gib() if facts["gpu"] else None  # this process holds no CUDA context
+        if in_use is not None and in_use > host.GPU_BUSY_GIB:
+            print(f"    warning: {in_use:.2f} GiB of the GPU is in use by another process; this run's device memory "
+                  "and step times include its share", flush=True)
         started = time.time()
         training[0] = True
         try:
-            code = launch.launch(prepared, env=env, echo=False)
+            code = launch.launch(prepared, env=env, echo=False, stop_at_once=True)
         except KeyboardInterrupt:
             interrupted.append("interrupt")
         finally:
@@ -229,6 +233,7 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
         row.update(facts)
         row.update(preset=name, budget=cap.label, budget_gib=cap.gib, speed=variant.label,
                    speed_patches=speeds.patches_on(prepared.preset.values), wall_s=round(time.time() - started, 1),
+                   gpu_in_use_before_gib=None if in_use is None else round(in_use, 3),
                    model=presets.portable(model) if Path(model).exists() else model, model_label=label,
                    run=presets.portable(run_dir), command=command, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         results.append(out, row)

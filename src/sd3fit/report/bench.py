@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sd3fit.host import CARD_SIZES_GB, GIB  # noqa: E402
+from sd3fit.host import CARD_SIZES_GB, GIB, GPU_BUSY_GIB  # noqa: E402
 from sd3fit.report import speed  # noqa: E402
 from sd3fit.report.compare import fmt as _f  # noqa: E402
 from sd3fit.report.compare import ratio  # noqa: E402
@@ -102,6 +102,13 @@ def markdown(rows: list[dict]) -> str:
         for row in problems:
             shown = "" if speed.label(row) == speed.SD3FIT else f" ({speed.label(row)})"
             parts.append(f"- `{row['preset']}` under budget {row['budget']}{shown}: {row['status']}: {row.get('error')}")
+        for row in group:
+            if (row.get("gpu_in_use_before_gib") or 0) > GPU_BUSY_GIB:
+                shown = "" if speed.label(row) == speed.SD3FIT else f" ({speed.label(row)})"
+                parts.append(f"- `{row['preset']}` under budget {row['budget']}{shown}: another process held "
+                             f"{row['gpu_in_use_before_gib']:.2f} GiB of the GPU when it started; its device peak and "
+                             "step times include that process's share")
+                problems.append(row)
         if problems:
             parts.append("")
         against = speed.markdown(group)
