@@ -89,3 +89,47 @@ def test_compiled_blocks_refuse_weights_that_move_or_are_quantized(override, wor
     with pytest.raises(UserError, match=words):
         presets.load("lora-24gb", ["compile_blocks=true", override, *extra])
     presets.load("lora-24gb", ["compile_blocks=false", override, *extra])  # the patch off: accepted
+
+
+def test_a_recompute_budget_keeps_fewer_activations_for_the_same_gradients():
+    from sd3fit.speed.compiled import BlockCompiler
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down, self.norm = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64), torch.nn.LayerNorm(64)
+
+    def run_block(block, x):  # cheap pointwise work between two matmuls, as in an MLP
+        h = torch.nn.functional.gelu(block.up(block.norm(x)))
+        return x + block.down(torch.sin(h) * torch.cos(h) + h.exp().clamp(max=3))
+
+    torch.manual_seed(0)
+    block, x0 = Block(), torch.randn(128, 64)
+
+    def saved_and_grad(fn):
+        saved = []
+        x = x0.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = fn(block, x)
+        out.pow(2).sum().backward()
+        return sum(saved), x.grad
+
+    full, grad = saved_and_grad(BlockCompiler(run_block))
+    kept = [full]
+    for budget in (0.5, 0.1):  # the budget counts against keeping every activation, not against the default graph
+        saved, budget_grad = saved_and_grad(BlockCompiler(run_block, recompute_budget=budget))
+        assert saved < 0.75 * kept[-1] and torch.allclose(budget_grad, grad, atol=1e-6)
+        kept.append(saved)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        BlockCompiler(run_block, recompute_budget=1.0)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["recompute_budget=0.3"], "needs compile_blocks=true"),
+    (["recompute_budget=0.3", "compile_blocks=true", "gradient_checkpointing=true"], "gradient_checkpointing=false"),
+    (["recompute_budget=1.5", "compile_blocks=true", "gradient_checkpointing=false"], "between 0 and 1"),
+])
+def test_a_recompute_budget_is_refused_where_it_cannot_apply(overrides, words):
+    with pytest.raises(UserError, match=words):
+        presets.load("lora-24gb", ["compile_blocks=false", *overrides])
+    presets.load("lora-24gb", ["compile_blocks=true", "gradient_checkpointing=false", "recompute_budget=0.3"])

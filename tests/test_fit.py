@@ -117,7 +117,8 @@ def test_a_card_too_small_for_every_preset_names_the_smallest_card_that_works():
     with pytest.raises(UserError) as caught:
         fit.pick("lora", fit.card("6GB"), [])
     assert "no lora preset fits a 6GB card (5.59 GiB)" in str(caught.value)
-    assert "the smallest card that works is 8GB (lora-8gb needs 6.31 GiB)" in str(caught.value)
+    need = fit.measured(presets.load("lora-8gb").values).need_gib  # its benchmark row's whole-run device peak
+    assert 5.0 < need < 7.45 and f"the smallest card that works is 8GB (lora-8gb needs {need:.2f} GiB)" in str(caught.value)
     with pytest.raises(UserError, match=r"no full preset fits a 8GB card .* smallest card that works is 12GB"):
         fit.pick("full", fit.card("8GB"), [])
 

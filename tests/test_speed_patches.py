@@ -1,20 +1,25 @@
 """sd3fit's speed patches together on the tiny model, and the small ones alone (sd3fit.simpletuner.patches:
-trainable_params, tracemalloc_off; compiled blocks and the fused optimizer have their own test files)."""
+trainable_params, tracemalloc_off, prefetch; compiled blocks and the fused optimizer have their own test files), and
+the transformer parked in CPU memory while validation decodes (decode_offload)."""
 
 import json
 import tracemalloc
 
 import pytest
+import torch
 
 from conftest import run_sd3fit
 from sd3fit.errors import UserError
 from sd3fit.runs import Run
 from sd3fit.simpletuner import compat
-from sd3fit.simpletuner.patches import tracemalloc_off, trainable_params
+from sd3fit.simpletuner.patches import decode_offload, prefetch, ramtorch_sync, tracemalloc_off, trainable_params
 
 # exact patches: they change how the step runs, not what it computes (the fused optimizer changes the update's
 # arithmetic and is compared against seeds in test_fused_optimizer.py)
-EXACT = ["compile_blocks=true", "cache_trainable_params=true", "skip_tracemalloc=true"]
+EXACT = ["compile_blocks=true", "cache_trainable_params=true", "skip_tracemalloc=true", "skip_ramtorch_syncs=true"]
+# reading ahead draws some random numbers in the fetching thread, so they interleave differently with the step's:
+# the same training, not the same numbers
+AHEAD = ["prefetch_batches=true", "offload_transformer_for_decode=true"]
 
 
 def losses(run: Run) -> list[float]:
@@ -25,7 +30,12 @@ def losses(run: Run) -> list[float]:
 def demo_runs(tmp_path_factory, demo_assets):
     root = tmp_path_factory.mktemp("speed")
     out = {}
-    for name, overrides in {"stock": [], "patched": EXACT, "other_seed": ["seed=43"]}.items():
+    runs = {"stock": [], "patched": EXACT, "other_seed": ["seed=43"], "ahead": AHEAD,
+            "int8": ["base_model_precision=int8-sd3fit", "compile_blocks=true"],
+            # LoRA dropout (SimpleTuner's default 0.1) draws in the graph, which a budget's partitioning reorders
+            "no_dropout": ["lora_dropout=0"],
+            "budget": ["lora_dropout=0", "compile_blocks=true", "gradient_checkpointing=false", "recompute_budget=0.3"]}
+    for name, overrides in runs.items():
         proc = run_sd3fit("train", *overrides, "--name", name, "--runs-dir", str(root), timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         out[name] = Run(root / name)
@@ -34,7 +44,7 @@ def demo_runs(tmp_path_factory, demo_assets):
 
 def test_the_demo_trains_the_same_with_the_exact_speed_patches(demo_runs):
     patched = json.loads(demo_runs["patched"].result.read_text())["speed"]
-    assert patched["patches"] == ["cache_trainable_params", "compile_blocks", "skip_tracemalloc"]
+    assert patched["patches"] == ["cache_trainable_params", "compile_blocks", "skip_ramtorch_syncs", "skip_tracemalloc"]
     assert patched["compile_blocks"]["compiled_calls"] > 0 and patched["compile_blocks"]["eager_calls"] == 0
     assert patched["tracemalloc"] is False
     stock = json.loads(demo_runs["stock"].result.read_text())["speed"]
@@ -46,6 +56,135 @@ def test_the_demo_trains_the_same_with_the_exact_speed_patches(demo_runs):
     # another seed draws other timesteps and noise: its losses differ by a large fraction; these patches change
     # only the rounding of a few fused operations
     assert gap < 0.05 * spread, (base, fast, other)
+
+
+def test_the_demo_trains_alike_with_batches_read_ahead(demo_runs):
+    speed = json.loads(demo_runs["ahead"].result.read_text())["speed"]
+    assert speed["patches"] == ["prefetch_batches"]  # offload_transformer_for_decode is a memory key
+    # upstream's BatchFetcher ran, copying to the GPU ahead of the step where there is one
+    assert speed["prefetch"] == {"queue": prefetch.QUEUE, "to_device": torch.cuda.is_available()}
+    base, ahead, other = (losses(demo_runs[k]) for k in ("stock", "ahead", "other_seed"))
+    assert len(base) == len(ahead) == len(other) > 0
+    # the same batches; only some random draws change order (measured: 0.06 against another seed's 0.41)
+    assert max(abs(a - b) for a, b in zip(base, ahead)) < 0.5 * max(abs(a - b) for a, b in zip(base, other))
+    assert list((demo_runs["ahead"].dir / "output" / "validation_images").glob("step_8_*.png"))  # decoded
+
+
+def test_the_demo_trains_alike_on_an_int8_base_with_compiled_blocks(demo_runs):
+    """The int8 base (sd3fit.simpletuner.patches.int8_base): every linear layer in the blocks but the modulation
+    projections multiplies in int8, LoRA trains on top, and the loss stays far inside the seed-to-seed spread."""
+    result = json.loads(demo_runs["int8"].result.read_text())
+    blocks = json.loads(demo_runs["stock"].result.read_text())["transformer"]
+    assert result["transformer"]["quantized_modules"] > 0
+    assert result["transformer"]["trainable_parameters"] == blocks["trainable_parameters"]  # the same adapters
+    assert result["speed"]["compile_blocks"]["compiled_calls"] > 0
+    base, int8_curve, other = (losses(demo_runs[k]) for k in ("stock", "int8", "other_seed"))
+    assert len(base) == len(int8_curve) > 0
+    gap = max(abs(a - b) for a, b in zip(base, int8_curve))
+    assert gap < 0.5 * max(abs(a - b) for a, b in zip(base, other)), (base, int8_curve, other)
+
+
+def test_the_demo_trains_the_same_with_a_recompute_budget_instead_of_checkpointing(demo_runs):
+    speed = json.loads(demo_runs["budget"].result.read_text())["speed"]
+    assert speed["compile_blocks"]["recompute_budget"] == 0.3 and speed["compile_blocks"]["compiled_calls"] > 0
+    checkpointed, budget = losses(demo_runs["no_dropout"]), losses(demo_runs["budget"])
+    assert len(checkpointed) == len(budget) > 0
+    assert max(abs(a - b) for a, b in zip(checkpointed, budget)) < 1e-4  # only what is kept for backward changes
+
+
+def test_prefetch_sets_upstreams_options_unless_the_preset_does():
+    assert prefetch.options({"seed": 1}, False, True) == {"seed": 1}
+    on = prefetch.options({"dataloader_prefetch_qlen": 2}, True, False)
+    assert on == {"dataloader_prefetch": True, "dataloader_prefetch_qlen": 2}
+    assert prefetch.options({}, True, True)["dataloader_prefetch_device_threshold_mb"] > 0
+
+
+class Parked(torch.nn.Module):
+    """A transformer that says it lives on `device` and records where it is sent."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.device, self.sent = torch.device(device), []
+
+    def parameters(self, recurse=True):
+        device = self.device
+
+        class Where:
+            pass
+
+        where = Where()
+        where.device = device
+        yield where
+
+    def to(self, device):
+        self.sent.append(str(device))
+        self.device = torch.device(device)
+        return self
+
+
+class Vae(torch.nn.Module):
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer, self.seen = transformer, []
+
+    def decode(self, latents):
+        self.seen.append(str(self.transformer.device))
+        return latents * 2
+
+
+@pytest.mark.parametrize("home", ["cuda:0", "cpu"])
+def test_the_transformer_waits_in_cpu_memory_only_while_the_vae_decodes(home):
+    transformer = Parked(home)
+    vae = Vae(transformer)
+    before = decode_offload.moves
+    out = decode_offload.decode_alone(vae, transformer)(torch.ones(2))
+    assert torch.equal(out, torch.full((2,), 2.0))
+    assert vae.seen == ["cpu"]  # decoded with the transformer out of the GPU
+    assert transformer.sent == ([] if home == "cpu" else ["cpu", home]) and str(transformer.device) == home
+    assert decode_offload.moves == before + (home != "cpu")
+
+
+def test_the_transformer_comes_back_when_the_decode_fails():
+    transformer = Parked("cuda:0")
+    vae = Vae(transformer)
+    vae.decode = lambda latents: (_ for _ in ()).throw(torch.OutOfMemoryError("decode"))
+    with pytest.raises(torch.OutOfMemoryError):
+        decode_offload.decode_alone(vae, transformer)(torch.ones(1))
+    assert transformer.sent == ["cpu", "cuda:0"]
+
+
+class SyncingUpstream:
+    """Upstream's seam: it syncs around backward whenever ramtorch is on (and CUDA is there)."""
+
+    def __init__(self, ramtorch, trained):
+        self.config_ramtorch, self.asked = ramtorch, 0
+        self.model = type("Model", (), {"get_trained_component": lambda _, unwrap_model: trained})()
+
+    def _ramtorch_sync_enabled(self):
+        self.asked += 1
+        return self.config_ramtorch
+
+
+class SyncPatched(ramtorch_sync.RamTorchSyncTrainer, SyncingUpstream):
+    pass
+
+
+def ramtorch_layer():
+    layer = type("CPUBouncingLinear", (torch.nn.Module,), {})()
+    type(layer).__module__ = "simpletuner.helpers.ramtorch.modules.linear"
+    return layer
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_ramtorch_syncs_stay_only_where_a_ramtorch_layer_trains(on):
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    streamed = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(ramtorch_layer()))
+    for trained, ramtorch, expected in ((plain, True, not on), (streamed, True, True), (plain, False, False)):
+        trainer = SyncPatched(ramtorch, trained)
+        trainer.sd3fit_skip_ramtorch_syncs = on
+        assert [trainer._ramtorch_sync_enabled() for _ in range(3)] == [expected] * 3
+    assert ramtorch_sync.holds_ramtorch(streamed) and not ramtorch_sync.holds_ramtorch(plain)
 
 
 class Upstream:
@@ -114,7 +253,11 @@ def test_small_speed_patches_refuse_what_they_were_not_written_for(monkeypatch, 
         tracemalloc_off.apply(True)
     with pytest.raises(RuntimeError, match="_get_trainable_parameters"):
         trainable_params.check(object)
+    with pytest.raises(RuntimeError, match="_ramtorch_sync_enabled"):
+        ramtorch_sync.check(object)
     monkeypatch.setattr(compat, "installed_version", lambda: "9.9.9")
-    for apply in (lambda: tracemalloc_off.apply(True), lambda: trainable_params.check(Upstream)):
+    for apply in (lambda: tracemalloc_off.apply(True), lambda: trainable_params.check(Upstream),
+                  lambda: prefetch.options({}, True, False), lambda: decode_offload.apply(True),
+                  lambda: ramtorch_sync.check(SyncingUpstream)):
         with pytest.raises(UserError, match="9.9.9"):
             apply()

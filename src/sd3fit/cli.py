@@ -1,4 +1,5 @@
-"""The `sd3fit` command: `train`, `demo`, `runs`, `presets`, `options`, `bench`, `report`, `digest`, `infer`.
+"""The `sd3fit` command: `train`, `demo`, `runs`, `presets`, `options`, `bench`, `bench-layers`, `report`, `digest`,
+`infer`.
 
 Bad input ends with one line on stderr, `sd3fit: error: ...`, and exit status 2.
 """
@@ -85,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (TFLOP/s) for MFU, if sd3fit does not know it")
     p.add_argument("--out", help="new or empty folder for results (default: benchmarks/bench-<date>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the benchmark in --out: run only what has no row yet")
+
+    p = sub.add_parser("bench-layers", help="SD3 Medium's linear layers at 1024 px: bf16 against sd3fit's int8 layer")
+    p.add_argument("--out", help="new or empty folder for layers.json and layers.md "
+                                 "(default: benchmarks/layers-<date>-<time>)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per layer and setting (default 20)")
+    p.add_argument("--token-scale", type=float, default=1.0,
+                   help="fraction of the 1024 px token counts to use (default 1; smaller for a quick look on a CPU)")
+    p.add_argument("--no-compile", action="store_true", help="time eager layers only")
 
     p = sub.add_parser("report", help="summary table and figures from run folders or benchmark results")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR|RESULTS",
@@ -255,6 +264,22 @@ def cmd_bench(args) -> int:
     return runner.run(settings, out, resume=args.resume, command=command)
 
 
+def cmd_bench_layers(args) -> int:
+    import shlex
+    from pathlib import Path
+
+    from sd3fit.bench import layers
+
+    if args.repeats < 1 or not 0 < args.token_scale <= 1:
+        raise UserError("--repeats must be at least 1 and --token-scale between 0 (excluded) and 1")
+    out = Path(args.out or time.strftime("benchmarks/layers-%Y%m%d-%H%M%S"))
+    command = "sd3fit " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench-layers"] else "sd3fit bench-layers"
+    done = layers.run(out, command, args.repeats, args.token_scale, (False,) if args.no_compile else (False, True))
+    print((done / "layers.md").read_text(), end="")
+    print(f"results: {done / 'layers.json'}")
+    return 0
+
+
 def _is_bench_results(path) -> bool:
     if path.is_file():
         return path.suffix == ".jsonl" and path.name != "metrics.jsonl"
@@ -327,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         args.config = None
     handlers = {"train": cmd_train, "demo": cmd_train, "runs": cmd_runs, "presets": cmd_presets, "options": cmd_options,
-                "bench": cmd_bench, "report": cmd_report, "digest": cmd_digest, "infer": cmd_infer}
+                "bench": cmd_bench, "bench-layers": cmd_bench_layers, "report": cmd_report, "digest": cmd_digest,
+                "infer": cmd_infer}
     handler = handlers[args.command]
     try:
         return handler(args)

@@ -27,12 +27,14 @@ from sd3fit.runs import Run
 RESULTS_DIR = PROJECT_DIR / "results"
 # the first matching row is the one used. Step times rank presets against each other, so files from one machine
 # come first: the card presets' first benchmark, then the later ones for configurations it does not have (their
-# machine stepped about 1.4x slower, so their step times only make them lose a close choice, never win one)
+# machine stepped about 1.4x slower, so their step times only make them lose a close choice, never win one; the
+# speed benchmark's rows serve lora-8gb since it parks the transformer for the validation decode)
 REFERENCES = (
     RESULTS_DIR / "2026-11-28-cards-h200" / "cards" / "results.jsonl",
     RESULTS_DIR / "2026-11-28-cards2-h200" / "cards" / "results.jsonl",
     RESULTS_DIR / "2026-11-28-cards2-h200" / "tiles" / "results.jsonl",
     RESULTS_DIR / "2026-11-28-bench-h200" / "all-presets" / "results-rescanned.jsonl",
+    RESULTS_DIR / "2026-11-28-speed2-h200" / "bench" / "results.jsonl",
 )
 KINDS = ("lora", "full")  # model types `sd3fit train KIND --gpu SIZE` chooses a preset for
 # SimpleTuner options that never change GPU memory; every other option does
@@ -45,7 +47,8 @@ IGNORED = frozenset({
 })
 # sd3fit's own keys that change memory; its others (description, card, measuring, the speed keys such as
 # fused_optimizer, whose state takes the memory of the optimizer it replaces) are left out like IGNORED
-OWN_MEMORY_KEYS = frozenset({"offload_optimizer_state", "vae_tile_size"})
+OWN_MEMORY_KEYS = frozenset({"offload_optimizer_state", "offload_transformer_for_decode", "recompute_budget",
+                             "vae_tile_size"})
 # options that hold weights in CPU RAM: such a run also needs the host memory it was measured with
 OFFLOAD_KEYS = ("offload_during_startup", "ramtorch", "ramtorch_text_encoder", "musubi_blocks_to_swap")
 
@@ -87,6 +90,8 @@ def measured(options: dict, references=REFERENCES) -> Measured | None:
         for row in results.read(reference) if reference.is_file() else []:
             if row.get("status") != "finished" or row.get("run_peak_allocated_gib") is None:
                 continue
+            if (row.get("gpu_in_use_before_gib") or 0) > host.GPU_BUSY_GIB:
+                continue  # another process shared the GPU: its device peak is not this configuration's
             run = Run(reference.parent / "runs" / Path(row["run"]).name)
             if not run.config.is_file() or memory_options(_run_options(run)) != wanted:
                 continue
@@ -94,6 +99,20 @@ def measured(options: dict, references=REFERENCES) -> Measured | None:
                             device_gib=row.get("run_peak_device_gib"), step_s=row.get("step_s_median"),
                             rss_gib=row.get("run_peak_rss_gib"), reference=portable(reference))
     return None
+
+
+def check_capability(options: dict, capability: tuple[int, int] | None, name: str = "this GPU") -> None:
+    """Refuse, before anything loads, a base precision the GPU cannot run (None: no GPU; the CPU reference path)."""
+    precision = options.get("base_model_precision")
+    if capability is None or precision not in schema.SD3FIT_PRECISIONS:
+        return
+    needed, what = schema.SD3FIT_PRECISIONS[precision]
+    if tuple(capability) < needed:
+        raise UserError(
+            f"base_model_precision={precision} needs {what} (compute capability {needed[0]}.{needed[1]} or later), "
+            f"and {name} has {capability[0]}.{capability[1]}; use base_model_precision=int8-quanto (the same memory, "
+            "slower) or no_change"
+        )
 
 
 def card(text: str) -> tuple[str, float]:

@@ -47,6 +47,17 @@ SD3FIT_KEYS: dict[str, Key] = {
         "Move the optimizer's state to CPU memory while validation images are generated and checkpoints are written, "
         "and back before the next step: a full fine-tune's validation then fits the memory its training needs.",
     ),
+    "offload_transformer_for_decode": Key(
+        "bool",
+        "While a validation image is decoded by the VAE, keep the transformer in CPU memory (back right after): the "
+        "decode reuses the memory of its weights. Costs two copies of the weights per validation image.",
+    ),
+    "recompute_budget": Key(
+        "float",
+        "With compile_blocks and gradient_checkpointing=false: each compiled block keeps for the backward pass at most "
+        "this fraction (0-1) of the activations it would keep and recomputes the rest there, the cheapest operations "
+        "first (torch.compile's activation memory budget); a finer trade than checkpointing whole blocks.",
+    ),
     "vae_tile_size": Key(
         "int",
         "With vae_enable_tiling, the VAE's tile in pixels (e.g. 512); diffusers tiles SD3's VAE only above 1024 px, so "
@@ -77,6 +88,16 @@ SPEED_KEYS: dict[str, Key] = {
         "Keep Python's allocation tracing off: SimpleTuner starts tracemalloc when it configures the datasets and "
         "leaves it on for the whole run, which slows every Python allocation of every step.",
     ),
+    "prefetch_batches": Key(
+        "bool",
+        "Read each step's cached latents and text embeddings in a background thread ahead of the step and copy them "
+        "to the GPU there (SimpleTuner's dataloader_prefetch, off by default): the loop no longer waits on the disk.",
+    ),
+    "skip_ramtorch_syncs": Key(
+        "bool",
+        "With ramtorch on for the text encoders only, skip the two whole-GPU synchronisations SimpleTuner makes around "
+        "every backward pass for RamTorch's layers (kept when the trained model has any).",
+    ),
     "release_by_block": Key(
         "bool",
         "With optimizer_release_gradients, step the parameters of each transformer block together once all their "
@@ -90,6 +111,12 @@ SD3FIT_KEYS.update(SPEED_KEYS)
 def speed_patches(values: dict[str, Any]) -> list[str]:
     """The speed keys a preset's (or a run's) values turn on, sorted."""
     return sorted(key for key in SPEED_KEYS if values.get(key))
+
+# base_model_precision values sd3fit adds (sd3fit.simpletuner.patches.int8_base), with the compute capability each
+# needs on a GPU and what for
+SD3FIT_PRECISIONS: dict[str, tuple[tuple[int, int], str]] = {
+    "int8-sd3fit": ((8, 0), "int8 tensor cores"),
+}
 
 # SimpleTuner options that sd3fit sets for every run, with the reason a preset may not.
 OWNED_KEYS: dict[str, str] = {
@@ -197,15 +224,25 @@ def _rules(cfg: dict[str, Any]) -> None:
                         f"not {tile}")
     if get("compile_blocks"):
         _compile_rules(get)
+    budget = get("recompute_budget")
+    if budget is not None:
+        if not 0 < budget < 1:
+            raise UserError(f"option recompute_budget is the fraction of activations a block keeps, between 0 and 1 "
+                            f"(both excluded), not {budget}")
+        if not get("compile_blocks"):
+            raise UserError("option recompute_budget needs compile_blocks=true: the compiler chooses what to recompute")
+        if get("gradient_checkpointing"):
+            raise UserError("option recompute_budget replaces checkpointing whole blocks; set gradient_checkpointing=false")
     measure_settings.check({k: v for k, v in cfg.items() if k in measure_settings.KEYS})
 
 
 def _compile_rules(get) -> None:
     """Compiled blocks take their weights as graph inputs: weights that move between devices every step, or that are
     quantized tensor types, would recompile or break the graphs."""
-    if get("base_model_precision", "no_change") != "no_change":
-        raise UserError(f"option compile_blocks needs a bf16 base (base_model_precision=no_change), not "
-                        f"{get('base_model_precision')}; set compile_blocks=false with a quantized base")
+    if get("base_model_precision", "no_change") not in ("no_change", *SD3FIT_PRECISIONS):
+        raise UserError(f"option compile_blocks needs a bf16 base (base_model_precision=no_change) or sd3fit's own "
+                        f"({', '.join(SD3FIT_PRECISIONS)}), not {get('base_model_precision')}; set "
+                        "compile_blocks=false with a quantized base")
     if (get("musubi_blocks_to_swap") or 0) > 0:
         raise UserError("option compile_blocks cannot compile blocks that musubi_blocks_to_swap moves between CPU and "
                         "GPU every step; set one of compile_blocks=false and musubi_blocks_to_swap=0")
@@ -227,7 +264,10 @@ def validate(preset: dict[str, Any]) -> dict[str, Any]:
             out[key] = _check_type(key, value, SD3FIT_KEYS[key].type, None)
         elif key in options:
             spec = options[key]
-            out[key] = _check_type(key, value, spec["type"], spec["choices"])
+            choices = spec["choices"]
+            if key == "base_model_precision":
+                choices = [*choices, *SD3FIT_PRECISIONS]
+            out[key] = _check_type(key, value, spec["type"], choices)
         else:
             raise _unknown(key)
     _rules(out)

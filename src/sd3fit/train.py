@@ -101,6 +101,7 @@ def prepare(preset_arg: str | None, overrides: list[str], name: str | None = Non
     if preset.uses_demo:
         _demo_assets()
     own, options = schema.split(preset.values)
+    fit.check_capability(options, host.gpu_capability())
     if check_fit:
         fit.check(preset.name, preset.values, device(gpu), host.ram_gib())
     source = hub.check_model(options["pretrained_model_name_or_path"])

@@ -27,8 +27,9 @@ from sd3fit.measure import settings as measure_settings
 from sd3fit.runs import Run, last_checkpoint
 from sd3fit.schema import speed_patches
 from sd3fit.simpletuner import compat
-from sd3fit.simpletuner.patches import (compiled_blocks, cpu_pin_memory, fused_optimizer, gradient_release, interrupt,
-                                        metrics_log, optimizer_offload, phases, step_measure, tracemalloc_off,
+from sd3fit.simpletuner.patches import (compiled_blocks, cpu_pin_memory, decode_offload, fused_optimizer,
+                                        gradient_release, int8_base, interrupt, metrics_log, optimizer_offload,
+                                        phases, prefetch, ramtorch_sync, step_measure, tracemalloc_off,
                                         trainable_params, vae_tiles, validation_images)
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
@@ -47,23 +48,32 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
     phases.check(Trainer)
     optimizer_offload.check(Trainer)
     trainable_params.check(Trainer)
+    ramtorch_sync.check(Trainer)
+    int8_base.check(Trainer)
+    options, int8_precision = int8_base.split(options)  # SimpleTuner's parser knows only its own precisions
     fused_optimizer.apply()
     phases.apply(measurement.phases)
     vae_tiles.apply(own.get("vae_tile_size"))
-    compiled_blocks.apply(bool(own.get("compile_blocks")))
+    decode_offload.apply(bool(own.get("offload_transformer_for_decode")))
+    compiled_blocks.apply(bool(own.get("compile_blocks")), own.get("recompute_budget"))
     tracemalloc_off.apply(bool(own.get("skip_tracemalloc")))
     validation_images.apply(measurement.write_images if _is_main_process() else None)
 
     class SD3FitTrainer(interrupt.InterruptibleTrainer, phases.PhasedTrainer, step_measure.MeasuredTrainer,
                         fused_optimizer.FusedOptimizerTrainer, trainable_params.TrainableListTrainer,
+                        ramtorch_sync.RamTorchSyncTrainer, int8_base.Int8BaseTrainer,
                         gradient_release.ReleasingTrainer, optimizer_offload.OffloadingTrainer, Trainer):
         """SimpleTuner's Trainer with sd3fit's run phases, per-run metrics, ranges and profiler, adamw_bf16 stepped
-        by multi-tensor kernels on request, gradient release that works with every optimizer, optimizer state out of
-        the way of validation, and a checkpoint before stopping on SIGINT or SIGTERM."""
+        by multi-tensor kernels on request, no RamTorch syncs where no RamTorch layer trains, an int8 base that
+        multiplies in int8, gradient release that
+        works with every optimizer, optimizer state out of the way of validation, and a checkpoint before stopping on
+        SIGINT or SIGTERM."""
 
         sd3fit_measurement = measurement
         sd3fit_fused_optimizer = bool(own.get("fused_optimizer"))
         sd3fit_cache_trainable_params = bool(own.get("cache_trainable_params"))
+        sd3fit_skip_ramtorch_syncs = bool(own.get("skip_ramtorch_syncs"))
+        sd3fit_int8_base = int8_precision
         sd3fit_release_by_block = bool(own.get("release_by_block"))
         sd3fit_offload_optimizer_state = bool(own.get("offload_optimizer_state"))
         sd3fit_interrupt = stop
@@ -72,6 +82,9 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
             super().init_trackers()
             metrics_log.apply(self.accelerator, measurement)
 
+    import torch
+
+    options = prefetch.options(options, bool(own.get("prefetch_batches")), torch.cuda.is_available())
     config = {f"--{key}": value for key, value in options.items()}
     # never fall back to a config/config.json found in the working directory: the run's config is the only source
     config["__skip_config_fallback__"] = True
@@ -95,7 +108,7 @@ def _model_facts(trainer) -> dict[str, int]:
         return {}
     net = trainer.accelerator.unwrap_model(net)
     params = list(net.parameters())
-    quant_libraries = ("optimum.quanto", "torchao", "bitsandbytes")
+    quant_libraries = ("optimum.quanto", "torchao", "bitsandbytes", "sd3fit.quant")
     return {
         "parameters": sum(p.numel() for p in params),
         "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
@@ -163,6 +176,12 @@ def _speed(own: dict, trainer=None) -> dict:
     blocks = compiled_blocks.stats()
     if blocks is not None:
         out["compile_blocks"] = blocks
+    in_model = getattr(trainer, "_sd3fit_ramtorch_in_model", None)  # asked only with ramtorch on a GPU
+    if in_model is not None:
+        out["ramtorch_syncs"] = in_model  # False: skip_ramtorch_syncs left out upstream's syncs
+    fetcher = getattr(trainer, "bf", None)  # upstream's BatchFetcher, there only when dataloader_prefetch is on
+    if fetcher is not None:
+        out["prefetch"] = {"queue": fetcher.queue.maxsize, "to_device": fetcher.device_prefetcher is not None}
     release = getattr(trainer, "sd3fit_release", None)
     if release is not None:  # gradient release: parameter steps, and how many calls made them
         out["gradient_release"] = {"parameter_steps": release.steps, "bucket_steps": release.bucket_steps,

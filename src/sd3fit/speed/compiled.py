@@ -20,22 +20,40 @@ import torch
 RECOMPILE_LIMIT = 32
 
 
-def default_backend() -> str:
+def default_backend(recompute_budget: float | None = None):
     """Inductor on a GPU. On a CPU (where sd3fit trains only the tiny test model) AOTAutograd without code
-    generation: the same graphs, guards and recompiles, without minutes of C++ compilation per graph."""
-    return "inductor" if torch.cuda.is_available() else "aot_eager"
+    generation: the same graphs, guards and recompiles, without minutes of C++ compilation per graph; with a
+    recompute budget, with inductor's min-cut partitioner (the one that honours the budget) instead of the default."""
+    if torch.cuda.is_available():
+        return "inductor"
+    if recompute_budget is None:
+        return "aot_eager"
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=min_cut_rematerialization_partition)
 
 
 class BlockCompiler:
     """Call as `fn` would be called; calls whose options make tracing impossible run `fn` itself.
 
     `eager_when(**options) -> bool` names those calls (for SD3 in SimpleTuner: attention activations offloaded to
-    the CPU through saved-tensor hooks, which dynamo cannot trace)."""
+    the CPU through saved-tensor hooks, which dynamo cannot trace).
+
+    `recompute_budget` (0 < b < 1, for blocks that are not checkpointed): each graph keeps for its backward at most
+    about that fraction of the activations it would keep, and recomputes the rest there, choosing the operations that
+    are cheapest to recompute (torch's `activation_memory_budget` for the min-cut partitioner). Checkpointing a block
+    instead recomputes all of its forward, its matmuls included."""
 
     def __init__(self, fn: Callable, *, backend: str | None = None, mode: str | None = None,
-                 eager_when: Callable[..., bool] | None = None):
+                 eager_when: Callable[..., bool] | None = None, recompute_budget: float | None = None):
+        if recompute_budget is not None and not 0 < recompute_budget < 1:
+            raise ValueError(f"recompute_budget must be between 0 and 1 (both excluded), not {recompute_budget}")
         self.fn = fn
-        self.backend = backend or default_backend()
+        self.recompute_budget = recompute_budget
+        self.backend = backend or default_backend(recompute_budget)
+        self.backend_name = self.backend if isinstance(self.backend, str) else "aot_eager, min-cut partitioner"
         self.eager_when = eager_when
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
@@ -49,4 +67,8 @@ class BlockCompiler:
             self.eager_calls += 1
             return self.fn(block, *args, **kwargs)
         self.calls += 1
-        return self.compiled(block, *args, **kwargs)
+        if self.recompute_budget is None:
+            return self.compiled(block, *args, **kwargs)
+        # the partitioner reads the budget when it splits a graph (first call, recompiles): set it for our graphs only
+        with torch._functorch.config.patch(activation_memory_budget=self.recompute_budget):
+            return self.compiled(block, *args, **kwargs)
