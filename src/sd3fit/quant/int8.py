@@ -65,12 +65,15 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: 
               dtype: torch.dtype) -> torch.Tensor:
     """(a @ b) * a_scale[:, None] * b_scale for int8 `a` [m, k] and `b` [k, n] (any strides), in `dtype`;
     `b_scale` has n values or one."""
-    if a.is_cuda:
+    if a.is_cuda and a.shape[0] > 1:  # torchao's kernel checks the row scale's shape after squeezing it
         kernel = _cuda_kernel()
         if kernel is not None:
             return kernel(a, b, a_scale.to(dtype).contiguous(), b_scale.to(dtype).contiguous())
-    out = torch._int_mm(a, b.contiguous()) if a.shape[0] > 16 else (a.int() @ b.int())
-    return (out.float() * a_scale[:, None] * b_scale).to(dtype)
+    if not a.is_cuda and a.shape[0] > 16:  # torch._int_mm's CPU kernel: the reference path
+        out = torch._int_mm(a, b.contiguous()).float()
+    else:  # one row, or no Triton: the same products in float32 (sums of int8 products, rounded past 2^24)
+        out = a.float() @ b.float()
+    return (out * a_scale[:, None] * b_scale).to(dtype)
 
 
 class _Int8Matmul(torch.autograd.Function):
