@@ -39,6 +39,19 @@ def test_each_adds_one_run_per_patch_the_preset_turns_on_and_none_for_a_preset_w
     assert _plan("each", {}) == _plan("both", {}) == [("stock", [f"{k}=false" for k in KEYS], "-stock"), ("sd3fit", [], "")]
 
 
+def test_without_compiled_blocks_a_recompute_budget_becomes_checkpointing_every_block():
+    from sd3fit import presets
+
+    values = {"compile_blocks": True, "skip_tracemalloc": True, "recompute_budget": 0.3}
+    plan = {label: overrides for label, overrides, _ in _plan("each", values)}
+    swap = ["recompute_budget=null", "gradient_checkpointing=true"]
+    assert plan["stock"][-2:] == swap and plan["without compile_blocks"] == ["compile_blocks=false", *swap]
+    assert plan["sd3fit"] == [] and plan["without skip_tracemalloc"] == ["skip_tracemalloc=false"]
+    budgeted = ["compile_blocks=true", "gradient_checkpointing=false", "recompute_budget=0.3"]
+    for overrides in plan.values():  # every variant is a preset sd3fit accepts
+        presets.load("lora-24gb", budgeted + overrides)
+
+
 def test_speed_patches_are_the_keys_left_on_after_overrides():
     assert speed.patches_on({key: True for key in reversed(KEYS)}) == sorted(KEYS)
     assert speed.patches_on({KEYS[0]: False, "lora_rank": 4}) == []

@@ -7,6 +7,9 @@ variant turns some of them off with `key=false` overrides, so it is the preset's
     stock    every speed key false
     both     stock, then sd3fit: the ratio measured side by side, on the same machine, in one call
     each     both, plus one run per key the preset turns on with only that key false
+
+A preset's `recompute_budget` needs compiled blocks; a variant that turns `compile_blocks` off checkpoints every block
+instead, as SimpleTuner would to save that memory.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ MODES = (SD3FIT, STOCK, "both", "each")
 class Variant:
     label: str  # the row's `speed`
     off: tuple[str, ...]  # speed keys overridden to false
+    extra: tuple[str, ...] = ()  # other overrides the keys turned off make necessary
 
     @property
     def overrides(self) -> list[str]:
-        return [f"{key}=false" for key in self.off]
+        return [f"{key}=false" for key in self.off] + list(self.extra)
 
     @property
     def suffix(self) -> str:
@@ -44,13 +48,17 @@ def variants(mode: str, values: dict) -> list[Variant]:
     """The runs of one preset under one budget, in the order they run (stock before sd3fit)."""
     if mode not in MODES:
         raise UserError(f"--speed {mode!r} is not a mode; use one of {', '.join(MODES)}")
-    stock, own = Variant(STOCK, tuple(SPEED_KEYS)), Variant(SD3FIT, ())
+    def variant(label: str, off: tuple[str, ...]) -> Variant:
+        uncompiled = "compile_blocks" in off and values.get("recompute_budget") is not None
+        return Variant(label, off, ("recompute_budget=null", "gradient_checkpointing=true") if uncompiled else ())
+
+    stock, own = variant(STOCK, tuple(SPEED_KEYS)), Variant(SD3FIT, ())
     if mode == SD3FIT:
         return [own]
     if mode == STOCK:
         return [stock]
     found = [stock, own]
     if mode == "each":
-        found += [Variant(WITHOUT + key, (key,)) for key in patches_on(values)]
+        found += [variant(WITHOUT + key, (key,)) for key in patches_on(values)]
     return found
 
