@@ -360,7 +360,9 @@ def test_an_interrupted_benchmark_kills_its_trainer_at_once(tmp_path):
     pid_file = tmp_path / "trainer.pid"
     stubborn = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                 f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); print('ready', flush=True); time.sleep(120)")
-    script = ("import sys; from sd3fit import launch; from sd3fit.runs import Run; "
+    # as the benchmark does: Ctrl-C raises KeyboardInterrupt even where the caller's shell left SIGINT ignored
+    script = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "from sd3fit import launch; from sd3fit.runs import Run; "
               f"run = Run(__import__('pathlib').Path({str(tmp_path)!r})); "
               f"sys.exit(launch._launch(run, [sys.executable, '-c', {stubborn!r}], dict(__import__('os').environ), "
               "False, False, None, stop_at_once=True))")

@@ -65,9 +65,8 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
                         gradient_release.ReleasingTrainer, optimizer_offload.OffloadingTrainer, Trainer):
         """SimpleTuner's Trainer with sd3fit's run phases, per-run metrics, ranges and profiler, adamw_bf16 stepped
         by multi-tensor kernels on request, no RamTorch syncs where no RamTorch layer trains, an int8 base that
-        multiplies in int8, gradient release that
-        works with every optimizer, optimizer state out of the way of validation, and a checkpoint before stopping on
-        SIGINT or SIGTERM."""
+        multiplies in int8, gradient release that works with every optimizer, optimizer state out of the way of
+        validation, and a checkpoint before stopping on SIGINT or SIGTERM."""
 
         sd3fit_measurement = measurement
         sd3fit_fused_optimizer = bool(own.get("fused_optimizer"))
