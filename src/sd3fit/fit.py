@@ -22,7 +22,7 @@ from sd3fit import host, presets, schema, sd3_medium
 from sd3fit.bench import results
 from sd3fit.errors import UserError
 from sd3fit.presets import PROJECT_DIR, portable
-from sd3fit.runs import Run
+from sd3fit.runs import Run, shared_gpu
 
 RESULTS_DIR = PROJECT_DIR / "results"
 # the first matching row is the one used. Step times rank presets against each other, so files from one machine
@@ -90,8 +90,8 @@ def measured(options: dict, references=REFERENCES) -> Measured | None:
         for row in results.read(reference) if reference.is_file() else []:
             if row.get("status") != "finished" or row.get("run_peak_allocated_gib") is None:
                 continue
-            if (row.get("gpu_in_use_before_gib") or 0) > host.GPU_BUSY_GIB:
-                continue  # another process shared the GPU: its device peak is not this configuration's
+            if shared_gpu(row):
+                continue  # its device peak is not this configuration's
             run = Run(reference.parent / "runs" / Path(row["run"]).name)
             if not run.config.is_file() or memory_options(_run_options(run)) != wanted:
                 continue

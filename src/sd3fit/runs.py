@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd3fit.errors import UserError
+from sd3fit.host import GPU_BUSY_GIB
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -88,6 +89,12 @@ def values(rows: list[dict], key: str) -> list[float]:
 def largest(rows: list[dict], key: str) -> float | None:
     found = values(rows, key)
     return max(found) if found else None
+
+
+def shared_gpu(row: dict) -> bool:
+    """Whether another process held GPU memory when a benchmark row's run started: its device-wide figures are then
+    not its own."""
+    return (row.get("gpu_in_use_before_gib") or 0) > GPU_BUSY_GIB
 
 
 def _read_object(path: Path) -> dict:

@@ -78,7 +78,7 @@ def measure(shapes=SHAPES, device: str | None = None, repeats: int = 20, compile
         x[:, :8] *= 20  # outlier channels, as transformer activations have
         x.requires_grad_(True)
         grad = torch.randn(tokens, n, device=device, dtype=torch.bfloat16)
-        y_ref, = (reference(x),)
+        y_ref = reference(x)
         dx_ref, = torch.autograd.grad(y_ref, x, grad)
         y_q = quantized(x)
         dx_q, = torch.autograd.grad(y_q, x, grad)

@@ -22,6 +22,8 @@ The layer subclasses `nn.Linear` so that peft puts LoRA adapters on it as on any
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -53,6 +55,7 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+@functools.cache  # looked up once: the matmul runs twice per layer and step
 def _cuda_kernel():
     try:
         from torchao.prototype.quantized_training.int8_mm import scaled_int8_mm

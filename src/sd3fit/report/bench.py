@@ -15,11 +15,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sd3fit.host import CARD_SIZES_GB, GIB, GPU_BUSY_GIB  # noqa: E402
+from sd3fit.host import CARD_SIZES_GB, GIB  # noqa: E402
 from sd3fit.report import speed  # noqa: E402
 from sd3fit.report.compare import fmt as _f  # noqa: E402
 from sd3fit.report.compare import ratio  # noqa: E402
 from sd3fit.report.write import slug  # noqa: E402
+from sd3fit.runs import shared_gpu  # noqa: E402
 
 STATUS = {"finished": "ran", "out_of_memory": "**out of memory**", "failed": "failed"}
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
@@ -98,19 +99,17 @@ def markdown(rows: list[dict]) -> str:
                      _f(ratio(row, full, "run_peak_reserved_gib"))]
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines) + "\n")
-        problems = [r for r in group if r["status"] != "finished"]
-        for row in problems:
-            shown = "" if speed.label(row) == speed.SD3FIT else f" ({speed.label(row)})"
-            parts.append(f"- `{row['preset']}` under budget {row['budget']}{shown}: {row['status']}: {row.get('error')}")
+        notes = []
         for row in group:
-            if (row.get("gpu_in_use_before_gib") or 0) > GPU_BUSY_GIB:
-                shown = "" if speed.label(row) == speed.SD3FIT else f" ({speed.label(row)})"
-                parts.append(f"- `{row['preset']}` under budget {row['budget']}{shown}: another process held "
-                             f"{row['gpu_in_use_before_gib']:.2f} GiB of the GPU when it started; its device peak and "
-                             "step times include that process's share")
-                problems.append(row)
-        if problems:
-            parts.append("")
+            shown = "" if speed.label(row) == speed.SD3FIT else f" ({speed.label(row)})"
+            which = f"- `{row['preset']}` under budget {row['budget']}{shown}: "
+            if row["status"] != "finished":
+                notes.append(which + f"{row['status']}: {row.get('error')}")
+            if shared_gpu(row):
+                notes.append(which + f"another process held {row['gpu_in_use_before_gib']:.2f} GiB of the GPU when it "
+                             "started; its device peak and step times include that process's share")
+        if notes:
+            parts += notes + [""]
         against = speed.markdown(group)
         if against:
             parts.append(against)

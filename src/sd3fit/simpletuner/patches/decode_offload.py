@@ -19,7 +19,7 @@ from sd3fit.simpletuner import compat
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 _on = False
-moves = 0  # decodes that ran with the transformer in CPU memory, for tests and result records
+moves = 0  # decodes that ran with the transformer in CPU memory (the tests read it)
 
 
 def decode_alone(vae, transformer):
