@@ -133,3 +133,15 @@ def test_a_recompute_budget_is_refused_where_it_cannot_apply(overrides, words):
     with pytest.raises(UserError, match=words):
         presets.load("lora-24gb", ["compile_blocks=false", *overrides])
     presets.load("lora-24gb", ["compile_blocks=true", "gradient_checkpointing=false", "recompute_budget=0.3"])
+
+
+def test_compiling_blocks_turns_off_the_autograd_cache_on_a_torch_that_corrupts_it(monkeypatch):
+    """torch < 2.13 writes aliased outputs' view metadata from freed memory into AOTAutograd's cache; a later run
+    that loads it crashes (or segfaults) with garbage shapes, so the trainer must not use that cache there."""
+    from sd3fit.speed import compiled
+
+    assert not compiled.autograd_cache_safe("2.11.0+cu130") and not compiled.autograd_cache_safe("2.12.1")
+    assert compiled.autograd_cache_safe("2.13.0") and compiled.autograd_cache_safe("3.0.0a0")
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True)
+    compiled.BlockCompiler(lambda block, x: x)
+    assert torch._functorch.config.enable_autograd_cache is compiled.autograd_cache_safe()

@@ -198,10 +198,10 @@ class FakeCuda:
         return {"allocated_bytes.all.peak": self.peak, "reserved_bytes.all.peak": self.peak, "num_alloc_retries": 0,
                 "num_ooms": self.ooms}
 
-    def memory_reserved(self):
+    def memory_reserved(self, device=None):
         return self.current
 
-    def mem_get_info(self):
+    def mem_get_info(self, device=None):
         return self.TOTAL - self.current - self.context, self.TOTAL
 
     def reset_peak_memory_stats(self):

@@ -92,6 +92,37 @@ def test_the_demo_trains_the_same_with_a_recompute_budget_instead_of_checkpointi
     assert max(abs(a - b) for a, b in zip(checkpointed, budget)) < 1e-4  # only what is kept for backward changes
 
 
+def test_prefetch_hands_batches_over_as_soon_as_there_is_room(monkeypatch):
+    """Upstream's fetching thread sleeps 0.5 s whenever its queue is full, so a step faster than that waits; sd3fit's
+    blocking queue hands over the same batches in the same order without waiting."""
+    import time
+
+    from simpletuner.helpers.data_backend.runtime import batch_fetcher as upstream
+
+    monkeypatch.setattr(upstream, "random_dataloader_iterator", lambda step, datasets: {"step": step})
+    monkeypatch.setattr(upstream, "_set_epoch_step_for_training_step", lambda step: None)
+
+    def consume(count):
+        fetcher = upstream.BatchFetcher(step=0, max_size=prefetch.QUEUE)
+        thread = fetcher.start_fetching()
+        started = time.perf_counter()
+        steps = [fetcher.next_response(i)["step"] for i in range(count)]
+        elapsed = time.perf_counter() - started
+        fetcher.stop_fetching()
+        thread.join(5)
+        assert not thread.is_alive()
+        return steps, elapsed
+
+    prefetch.apply(True)
+    try:
+        steps, ours = consume(40)
+    finally:
+        prefetch.apply(False)
+    upstream_steps, theirs = consume(3 * prefetch.QUEUE)
+    assert steps == list(range(40)) and upstream_steps == list(range(3 * prefetch.QUEUE))
+    assert ours < 0.5 < theirs
+
+
 def test_prefetch_sets_upstreams_options_unless_the_preset_does():
     assert prefetch.options({"seed": 1}, False, True) == {"seed": 1}
     on = prefetch.options({"dataloader_prefetch_qlen": 2}, True, False)
@@ -257,7 +288,8 @@ def test_small_speed_patches_refuse_what_they_were_not_written_for(monkeypatch, 
         ramtorch_sync.check(object)
     monkeypatch.setattr(compat, "installed_version", lambda: "9.9.9")
     for apply in (lambda: tracemalloc_off.apply(True), lambda: trainable_params.check(Upstream),
-                  lambda: prefetch.options({}, True, False), lambda: decode_offload.apply(True),
+                  lambda: prefetch.options({}, True, False), lambda: prefetch.apply(True),
+                  lambda: decode_offload.apply(True),
                   lambda: ramtorch_sync.check(SyncingUpstream)):
         with pytest.raises(UserError, match="9.9.9"):
             apply()

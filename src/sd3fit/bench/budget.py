@@ -1,10 +1,11 @@
 """GPU memory budgets: `24GB` (decimal, as cards are sold: 24e9 bytes = 22.35 GiB), `22.5GiB`, `16000MiB`, `none`
 for no cap, or `card` for the card each preset is made for (its `card` key; uncapped for a preset that names none).
 
-A budget caps PyTorch's caching allocator only. The process also holds device memory outside it (CUDA context,
-libraries: 0.75 GiB measured on an H200), which a real card must hold too, so a run that only just fits under a
-budget can still fail on a card of that size; rows give `run_peak_device_gib` (reserved peak plus that memory),
-which is what must stay under the card's size.
+A budget caps PyTorch's caching allocator at the budget less the device memory the process holds outside it (CUDA
+context, libraries' buffers: 0.75-0.85 GiB measured on an H200), read when CUDA starts and at each part of the run
+(`sd3fit.measure.memory.GpuCap`), as a real card of that size leaves it; rows give `run_peak_device_gib` (reserved
+peak plus that memory), which is what must stay under the card's size. The cap is lowered as the outside memory is
+read, so a part of the run that starts libraries can still overshoot by what they add; the device column shows it.
 """
 
 from __future__ import annotations

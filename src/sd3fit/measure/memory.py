@@ -69,12 +69,39 @@ class MemorySnapshots:
         return path
 
 
-def cap_gpu_memory(torch_module, budget_gib: float) -> dict:
-    """Let this process's CUDA caching allocator hold at most `budget_gib`, so a large GPU answers whether a run
-    fits a smaller card: beyond the cap allocations fail with the same out-of-memory error. The CUDA context
-    (a few hundred MiB on a real small card) is outside the allocator and not counted."""
-    device = int(os.environ.get("LOCAL_RANK", "0"))  # the GPU this process trains on under accelerate launch
-    total = torch_module.cuda.get_device_properties(device).total_memory
-    fraction = min(budget_gib * 1024**3 / total, 1.0)
-    torch_module.cuda.set_per_process_memory_fraction(fraction, device)
-    return {"budget_gib": budget_gib, "fraction": fraction, "device_total_gib": total / 1024**3}
+class GpuCap:
+    """This process's CUDA caching allocator held within a budget, so a large GPU answers whether a run fits a
+    smaller card: beyond the cap allocations fail with the same out-of-memory error, after the allocator has given
+    back its cached blocks and tried again, as on a card that is full.
+
+    A real card must also hold what lies outside the allocator (the CUDA context, libraries' buffers: 0.75-0.85 GiB
+    measured on an H200), so the cap is the budget less that memory: read once CUDA is up, and lowered each time
+    the run reads more of it (`leave_room`, called at every part of the run and the first step)."""
+
+    def __init__(self, torch_module, budget_gib: float):
+        self._cuda = torch_module.cuda
+        self.device = int(os.environ.get("LOCAL_RANK", "0"))  # the GPU this process trains on under accelerate
+        self.total = self._cuda.get_device_properties(self.device).total_memory
+        self.budget = budget_gib * 1024**3
+        self.outside = 0
+        self._set(self.budget)  # starts CUDA, so what lies outside the allocator can be read
+        free, total = self._cuda.mem_get_info(self.device)
+        self.leave_room(total - free - self._cuda.memory_reserved(self.device))
+
+    def _set(self, allowed: float) -> None:
+        self.fraction = min(max(allowed, 0.0) / self.total, 1.0)
+        self._cuda.set_per_process_memory_fraction(self.fraction, self.device)
+
+    def leave_room(self, outside_bytes: int) -> None:
+        """Lower the cap so that the allocator and `outside_bytes` together stay within the budget."""
+        if outside_bytes > self.outside:
+            self.outside = outside_bytes
+            self._set(self.budget - outside_bytes)
+
+    def facts(self) -> dict:
+        return {"budget_gib": self.budget / 1024**3, "fraction": self.fraction, "device_total_gib": self.total / 1024**3,
+                "allocator_cap_gib": self.fraction * self.total / 1024**3, "outside_allocator_gib": self.outside / 1024**3}
+
+
+def cap_gpu_memory(torch_module, budget_gib: float) -> GpuCap:
+    return GpuCap(torch_module, budget_gib)

@@ -38,7 +38,7 @@ class Phases:
             record[key] = max(record[key], peaks.get(key) or 0)
 
     def _close_current(self) -> None:
-        self._memory.fold()  # charges the peak since the last reset to the current part, then resets
+        self._memory.fold(sample_outside=True)  # charges the peak since the last reset to the current part, resets
         now = self._clock()
         record = self._record(self.current)
         record["seconds"] += now - self._since

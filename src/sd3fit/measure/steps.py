@@ -104,8 +104,9 @@ class HostMemory:
     """No caching allocator on a CPU: report the process's peak resident memory instead."""
 
     listener = None
+    outside_listener = None
 
-    def fold(self) -> None:
+    def fold(self, sample_outside: bool = False) -> None:
         pass
 
     def ooms(self) -> int:
@@ -131,6 +132,7 @@ class CudaMemory:
         self._outside_steps = {"allocated": 0, "reserved": 0}
         self._outside_allocator: int | None = None
         self.listener = None  # called with each peak (bytes) read before the counters are reset
+        self.outside_listener = None  # called with each reading of the memory outside the allocator (bytes)
 
     def _sample_outside_allocator(self) -> None:
         """Device memory in use that PyTorch's allocator does not hold: the CUDA context, libraries' own buffers
@@ -142,6 +144,8 @@ class CudaMemory:
             return
         outside = total - free - self._cuda.memory_reserved()
         self._outside_allocator = max(self._outside_allocator or 0, outside)
+        if self.outside_listener is not None:
+            self.outside_listener(outside)
 
     def _peaks(self) -> dict[str, int]:
         stats = self._cuda.memory_stats()  # one host-side call for both peaks
@@ -150,9 +154,12 @@ class CudaMemory:
             self.listener(peaks)
         return peaks
 
-    def fold(self) -> None:
+    def fold(self, sample_outside: bool = False) -> None:
         """Count what happened since the last reset for the run (outside steps) and start afresh: called where the
-        run moves from one part to the next."""
+        run moves from one part to the next (`sample_outside`: also read the memory outside the allocator) and
+        before each step."""
+        if sample_outside:
+            self._sample_outside_allocator()
         for key, value in self._peaks().items():
             self._outside_steps[key] = max(self._outside_steps[key], value)
             self._run[key] = max(self._run[key], value)

@@ -57,6 +57,7 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
     decode_offload.apply(bool(own.get("offload_transformer_for_decode")))
     compiled_blocks.apply(bool(own.get("compile_blocks")), own.get("recompute_budget"))
     tracemalloc_off.apply(bool(own.get("skip_tracemalloc")))
+    prefetch.apply(bool(own.get("prefetch_batches")))
     validation_images.apply(measurement.write_images if _is_main_process() else None)
 
     class SD3FitTrainer(interrupt.InterruptibleTrainer, phases.PhasedTrainer, step_measure.MeasuredTrainer,
@@ -224,13 +225,15 @@ def train(run: Run) -> dict:
         result["resumed_from"] = resume_from
         if _is_main_process():
             resume.tensorboard_purge(run.dir / "tensorboard", resume.checkpoint_step(resume_from))
-    trainer = None
+    trainer = cap = None
     budget = os.environ.get("SD3FIT_GPU_BUDGET_GIB")
     if budget and torch.cuda.is_available():
         from sd3fit.measure.memory import cap_gpu_memory
 
-        result["gpu_budget"] = cap_gpu_memory(torch, float(budget))
+        cap = cap_gpu_memory(torch, float(budget))
     measurement = _measurement(run, config)  # before the model loads: memory history covers loading too
+    if cap is not None:
+        measurement.memory.outside_listener = cap.leave_room  # the cap leaves room for what a real card holds
     try:
         trainer = _make_trainer(options, measurement, config.get("sd3fit", {}), stop)
         with dynamo_config_context(trainer.config):
@@ -279,6 +282,8 @@ def train(run: Run) -> dict:
         result["wall_seconds"] = round(time.time() - started, 3)
         result["speed"] = _speed(config.get("sd3fit", {}), trainer)
         result["artifacts"] = _artifacts(run, options)
+        if cap is not None:
+            result["gpu_budget"] = cap.facts()
         try:
             measurement.close()  # idempotent: end_training already closed it when training got that far
             result["measure"] = measurement.summary()

@@ -15,6 +15,12 @@ from typing import Any, Callable
 
 import torch
 
+# AOTAutograd's on-disk cache of compiled graphs (on by default) writes the view metadata of graph outputs that
+# alias their inputs, and torch before 2.13 serialises it from freed memory: a run that loads such a graph from an
+# earlier run's cache replays garbage shapes ("invalid shape dimension -10663...", or a segfault; seen on an H200
+# with SD3's LoRA blocks, torch 2.11.0). Fixed upstream by pytorch/pytorch#184774 and #185861.
+AUTOGRAD_CACHE_FIXED_IN = (2, 13)
+
 # graphs per compiled function: training and inference, SD3's two block kinds, a dynamic-shape version of each
 # after a second resolution; past the limit dynamo silently runs the rest uncompiled
 RECOMPILE_LIMIT = 32
@@ -33,6 +39,12 @@ def default_backend(recompute_budget: float | None = None):
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=min_cut_rematerialization_partition)
+
+
+def autograd_cache_safe(version: str = torch.__version__) -> bool:
+    """Whether this torch's AOTAutograd cache can be trusted with graphs whose outputs alias their inputs."""
+    major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
+    return (major, minor) >= AUTOGRAD_CACHE_FIXED_IN
 
 
 class BlockCompiler:
@@ -55,6 +67,8 @@ class BlockCompiler:
         self.backend = backend or default_backend(recompute_budget)
         self.backend_name = self.backend if isinstance(self.backend, str) else "aot_eager, min-cut partitioner"
         self.eager_when = eager_when
+        if not autograd_cache_safe():
+            torch._functorch.config.enable_autograd_cache = False  # process-wide: also graphs compiled by others
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
