@@ -135,13 +135,57 @@ def test_a_recompute_budget_is_refused_where_it_cannot_apply(overrides, words):
     presets.load("lora-24gb", ["compile_blocks=true", "gradient_checkpointing=false", "recompute_budget=0.3"])
 
 
-def test_compiling_blocks_turns_off_the_autograd_cache_on_a_torch_that_corrupts_it(monkeypatch):
+def test_compiling_blocks_turns_off_the_autograd_cache_on_a_torch_that_corrupts_it():
     """torch < 2.13 writes aliased outputs' view metadata from freed memory into AOTAutograd's cache; a later run
     that loads it crashes (or segfaults) with garbage shapes, so the trainer must not use that cache there."""
     from sd3fit.speed import compiled
 
     assert not compiled.autograd_cache_safe("2.11.0+cu130") and not compiled.autograd_cache_safe("2.12.1")
     assert compiled.autograd_cache_safe("2.13.0") and compiled.autograd_cache_safe("3.0.0a0")
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True)
-    compiled.BlockCompiler(lambda block, x: x)
-    assert torch._functorch.config.enable_autograd_cache is compiled.autograd_cache_safe()
+    with torch._functorch.config.patch(enable_autograd_cache=True):  # restored afterwards, whatever the test did
+        compiled.BlockCompiler(lambda block, x: x)
+        assert torch._functorch.config.enable_autograd_cache is compiled.autograd_cache_safe()
+
+
+@pytest.fixture
+def restore_peft_forward():
+    from peft.tuners.lora.layer import Linear
+    from simpletuner.helpers.utils import ramtorch as upstream
+
+    forward, flag = Linear.forward, upstream._peft_lora_forward_patched
+    yield
+    Linear.forward, upstream._peft_lora_forward_patched = forward, flag
+    compiled_blocks.apply(False)
+
+
+def test_peft_lora_forward_comes_back_where_nothing_needs_moving(restore_peft_forward):
+    """SimpleTuner wraps peft's LoRA forward for the whole process once RamTorch streams any layer (a text encoder
+    too); the wrapper breaks every compiled block at each LoRA layer. plain_lora_forward takes it off when the
+    trained model holds no RamTorch layer and sits on the training device, and keeps it otherwise."""
+    from torch._dynamo.utils import counters
+    from simpletuner.helpers.utils import ramtorch as upstream
+
+    from sd3fit.simpletuner.patches import lora_forward
+
+    lora_forward.remember()
+    model = tiny_lora_transformer(checkpointing=True)
+    upstream._maybe_patch_peft_lora_forward()  # what SimpleTuner's RamTorch set-up does
+    assert lora_forward.state() == "wrapped"
+    compiled_blocks.apply(True)
+    torch._dynamo.reset()
+    counters.clear()
+    wrapped_out, wrapped_grads = step(model)
+    assert sum(counters["graph_break"].values()) > 0
+
+    assert not lora_forward.unwrap(model, torch.device("cuda", 0))  # its weights are elsewhere: kept
+    assert lora_forward.state() == "wrapped"
+    assert lora_forward.unwrap(model, torch.device("cpu")) and lora_forward.state() == "peft"
+    upstream.ensure_available()  # validation asks again: upstream does not wrap it a second time
+    assert lora_forward.state() == "peft"
+    torch._dynamo.reset()
+    counters.clear()
+    out, grads = step(model)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(out, wrapped_out)
+    for got, want in zip(grads, wrapped_grads, strict=True):
+        torch.testing.assert_close(got, want)

@@ -12,11 +12,13 @@ from conftest import run_sd3fit
 from sd3fit.errors import UserError
 from sd3fit.runs import Run
 from sd3fit.simpletuner import compat
-from sd3fit.simpletuner.patches import decode_offload, prefetch, ramtorch_sync, tracemalloc_off, trainable_params
+from sd3fit.simpletuner.patches import (decode_offload, lora_forward, prefetch, ramtorch_sync, tracemalloc_off,
+                                        trainable_params)
 
 # exact patches: they change how the step runs, not what it computes (the fused optimizer changes the update's
 # arithmetic and is compared against seeds in test_fused_optimizer.py)
-EXACT = ["compile_blocks=true", "cache_trainable_params=true", "skip_tracemalloc=true", "skip_ramtorch_syncs=true"]
+EXACT = ["compile_blocks=true", "cache_trainable_params=true", "skip_tracemalloc=true", "skip_ramtorch_syncs=true",
+         "plain_lora_forward=true"]
 # reading ahead draws some random numbers in the fetching thread, so they interleave differently with the step's:
 # the same training, not the same numbers
 AHEAD = ["prefetch_batches=true", "offload_transformer_for_decode=true"]
@@ -44,7 +46,9 @@ def demo_runs(tmp_path_factory, demo_assets):
 
 def test_the_demo_trains_the_same_with_the_exact_speed_patches(demo_runs):
     patched = json.loads(demo_runs["patched"].result.read_text())["speed"]
-    assert patched["patches"] == ["cache_trainable_params", "compile_blocks", "skip_ramtorch_syncs", "skip_tracemalloc"]
+    assert patched["patches"] == ["cache_trainable_params", "compile_blocks", "plain_lora_forward", "skip_ramtorch_syncs",
+                                  "skip_tracemalloc"]
+    assert patched["lora_forward"] == "peft"  # no RamTorch here: nothing wrapped it
     assert patched["compile_blocks"]["compiled_calls"] > 0 and patched["compile_blocks"]["eager_calls"] == 0
     assert patched["tracemalloc"] is False
     stock = json.loads(demo_runs["stock"].result.read_text())["speed"]
@@ -290,6 +294,6 @@ def test_small_speed_patches_refuse_what_they_were_not_written_for(monkeypatch, 
     for apply in (lambda: tracemalloc_off.apply(True), lambda: trainable_params.check(Upstream),
                   lambda: prefetch.options({}, True, False), lambda: prefetch.apply(True),
                   lambda: decode_offload.apply(True),
-                  lambda: ramtorch_sync.check(SyncingUpstream)):
+                  lambda: ramtorch_sync.check(SyncingUpstream), lambda: lora_forward.check(Upstream)):
         with pytest.raises(UserError, match="9.9.9"):
             apply()

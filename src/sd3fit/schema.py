@@ -98,6 +98,12 @@ SPEED_KEYS: dict[str, Key] = {
         "With ramtorch on for the text encoders only, skip the two whole-GPU synchronisations SimpleTuner makes around "
         "every backward pass for RamTorch's layers (kept when the trained model has any).",
     ),
+    "plain_lora_forward": Key(
+        "bool",
+        "With ramtorch on for the text encoders only, run peft's own LoRA forward in training: SimpleTuner wraps it for "
+        "the whole process to move each layer's weights to the input's device first, which costs host time on every "
+        "LoRA layer and breaks compiled blocks apart (kept when the trained model has a RamTorch or offloaded layer).",
+    ),
     "release_by_block": Key(
         "bool",
         "With optimizer_release_gradients, step the parameters of each transformer block together once all their "

@@ -21,7 +21,7 @@ FIELDS = (
     "step_s_median", "step_s_p10", "step_s_p90", "interval_s_median", "images_per_s",
     "model_tflop_per_image", "peak_tflops", "mfu",
     "step_peak_allocated_gib", "step_peak_reserved_gib", "run_peak_allocated_gib", "run_peak_reserved_gib",
-    "outside_allocator_gib", "run_peak_device_gib", "gpu_in_use_before_gib", "run_peak_rss_gib", "peak_phase", "phase_reserved_gib", "card", "alloc_retries", "parameters", "trainable_parameters", "quantized_modules", "wall_s",
+    "outside_allocator_gib", "run_peak_device_gib", "allocator_cap_gib", "gpu_in_use_before_gib", "run_peak_rss_gib", "peak_phase", "phase_reserved_gib", "card", "alloc_retries", "parameters", "trainable_parameters", "quantized_modules", "wall_s",
     "model", "model_label", "run",
     "gpu", "gpu_memory_gib", "driver", "cuda", "cpu", "python", "sd3fit", "simpletuner", "torch", "diffusers",
     "transformers", "peft", "accelerate", "optimum_quanto", "torchao", "bitsandbytes", "torch_optimi", "ram_gib",
@@ -107,6 +107,8 @@ def from_run(run: Run, exit_code: int, warmup_steps: int, flops_per_image: float
         "outside_allocator_gib": memory.get("outside_allocator_gib"),
         "run_peak_device_gib": (memory["peak_reserved_gib"] + memory["outside_allocator_gib"])
         if memory.get("peak_reserved_gib") is not None and memory.get("outside_allocator_gib") is not None else None,
+        # what the allocator was held to at the end: the budget less the memory outside it (rows before: the budget)
+        "allocator_cap_gib": (result.get("gpu_budget") or {}).get("allocator_cap_gib"),
         "run_peak_rss_gib": memory.get("peak_rss_gib"),
         "peak_phase": memory.get("peak_phase"),
         "phase_reserved_gib": _phase_peaks((result.get("measure") or {}).get("phases") or {}),

@@ -28,9 +28,9 @@ from sd3fit.runs import Run, last_checkpoint
 from sd3fit.schema import speed_patches
 from sd3fit.simpletuner import compat
 from sd3fit.simpletuner.patches import (compiled_blocks, cpu_pin_memory, decode_offload, fused_optimizer,
-                                        gradient_release, int8_base, interrupt, metrics_log, optimizer_offload,
-                                        phases, prefetch, ramtorch_sync, step_measure, tracemalloc_off,
-                                        trainable_params, vae_tiles, validation_images)
+                                        gradient_release, int8_base, interrupt, lora_forward, metrics_log,
+                                        optimizer_offload, phases, prefetch, ramtorch_sync, step_measure,
+                                        tracemalloc_off, trainable_params, vae_tiles, validation_images)
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 
@@ -49,6 +49,8 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
     optimizer_offload.check(Trainer)
     trainable_params.check(Trainer)
     ramtorch_sync.check(Trainer)
+    lora_forward.check(Trainer)
+    lora_forward.remember()  # peft's forward, before SimpleTuner's RamTorch set-up can wrap it
     int8_base.check(Trainer)
     options, int8_precision = int8_base.split(options)  # SimpleTuner's parser knows only its own precisions
     fused_optimizer.apply()
@@ -62,17 +64,19 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
 
     class SD3FitTrainer(interrupt.InterruptibleTrainer, phases.PhasedTrainer, step_measure.MeasuredTrainer,
                         fused_optimizer.FusedOptimizerTrainer, trainable_params.TrainableListTrainer,
-                        ramtorch_sync.RamTorchSyncTrainer, int8_base.Int8BaseTrainer,
-                        gradient_release.ReleasingTrainer, optimizer_offload.OffloadingTrainer, Trainer):
+                        ramtorch_sync.RamTorchSyncTrainer, lora_forward.PlainLoraForwardTrainer,
+                        int8_base.Int8BaseTrainer, gradient_release.ReleasingTrainer,
+                        optimizer_offload.OffloadingTrainer, Trainer):
         """SimpleTuner's Trainer with sd3fit's run phases, per-run metrics, ranges and profiler, adamw_bf16 stepped
-        by multi-tensor kernels on request, no RamTorch syncs where no RamTorch layer trains, an int8 base that
-        multiplies in int8, gradient release that works with every optimizer, optimizer state out of the way of
-        validation, and a checkpoint before stopping on SIGINT or SIGTERM."""
+        by multi-tensor kernels on request, no RamTorch syncs or LoRA device checks where no RamTorch layer trains,
+        an int8 base that multiplies in int8, gradient release that works with every optimizer, optimizer state out
+        of the way of validation, and a checkpoint before stopping on SIGINT or SIGTERM."""
 
         sd3fit_measurement = measurement
         sd3fit_fused_optimizer = bool(own.get("fused_optimizer"))
         sd3fit_cache_trainable_params = bool(own.get("cache_trainable_params"))
         sd3fit_skip_ramtorch_syncs = bool(own.get("skip_ramtorch_syncs"))
+        sd3fit_plain_lora_forward = bool(own.get("plain_lora_forward"))
         sd3fit_int8_base = int8_precision
         sd3fit_release_by_block = bool(own.get("release_by_block"))
         sd3fit_offload_optimizer_state = bool(own.get("offload_optimizer_state"))
@@ -179,6 +183,9 @@ def _speed(own: dict, trainer=None) -> dict:
     in_model = getattr(trainer, "_sd3fit_ramtorch_in_model", None)  # asked only with ramtorch on a GPU
     if in_model is not None:
         out["ramtorch_syncs"] = in_model  # False: skip_ramtorch_syncs left out upstream's syncs
+    lora = getattr(trainer, "sd3fit_lora_forward", None)
+    if lora is not None:
+        out["lora_forward"] = lora  # "peft": plain_lora_forward took SimpleTuner's RamTorch wrapper off
     fetcher = getattr(trainer, "bf", None)  # upstream's BatchFetcher, there only when dataloader_prefetch is on
     if fetcher is not None:
         out["prefetch"] = {"queue": fetcher.queue.maxsize, "to_device": fetcher.device_prefetcher is not None}
