@@ -92,3 +92,31 @@ def test_a_trainer_failure_reaches_the_console(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("sd3fit: error: training failed: ")
     assert f"full log: {run.log}" in proc.stderr
     assert run.read_result()["status"] == "failed"
+
+
+def test_tensorboard_shows_every_step_once_after_a_killed_attempt(tmp_path):
+    """A killed attempt loses the scalars its writer had not flushed, some of them at or before the checkpoint that
+    the next attempt starts after: the resume writes those again from metrics.jsonl, and forgets what the killed
+    attempt logged past the checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    rows = [{"step": s, "time": 1000.0 + s, "train_loss": 1.0 / s, "time/step_s": 0.1} for s in range(1, 11)]
+    board = tmp_path / "tensorboard"
+    writer = SummaryWriter(log_dir=str(board))
+    for row in rows:
+        if row["step"] not in (7, 8):  # never flushed before the kill; 9 and 10 came after the checkpoint at 8
+            writer.add_scalar("train_loss", row["train_loss"], global_step=row["step"], walltime=row["time"])
+            writer.add_scalar("time/step_s", row["time/step_s"], global_step=row["step"], walltime=row["time"])
+    writer.close()
+
+    def steps(tag="train_loss"):
+        events = EventAccumulator(str(board))
+        events.Reload()
+        return [e.step for e in events.Scalars(tag)]
+
+    assert steps() == [1, 2, 3, 4, 5, 6, 9, 10]
+    resume.tensorboard_purge(board, 8, rows[:8])
+    assert steps() == steps("time/step_s") == list(range(1, 9))
+    resume.tensorboard_purge(board, 8, rows[:8])  # nothing missing now: only what lies past the checkpoint goes
+    assert steps() == list(range(1, 9))

@@ -119,9 +119,37 @@ def checkpoint_step(path: str) -> int:
     return int(Path(path).name.removeprefix("checkpoint-"))
 
 
-def tensorboard_purge(tensorboard_dir: Path, step: int) -> None:
-    """Tell TensorBoard to forget what an earlier attempt logged for steps after `step`: an event file whose
-    session-start marker at `step + 1` makes readers drop every earlier event of that step or later."""
+def tensorboard_purge(tensorboard_dir: Path, step: int, rows: list[dict] = ()) -> None:
+    """Make TensorBoard show each step up to `step` once, as `rows` (metrics.jsonl, already cut at `step`) have it.
+
+    Readers drop every earlier event at or after the step of a session-start marker (`purge_step`): a marker at
+    `step + 1` forgets what an earlier attempt logged past the checkpoint. An attempt that was killed also loses
+    the scalars its writer had not flushed yet (it flushes every few seconds), which may be steps the checkpoint
+    already holds and no attempt trains again: the marker then goes to the first such step, and the rows from
+    there to `step` are written again from metrics.jsonl."""
     from torch.utils.tensorboard import SummaryWriter
 
-    SummaryWriter(log_dir=str(tensorboard_dir), purge_step=step + 1).close()
+    from sd3fit.measure.sink import tensorboard_scalars
+
+    kept = [row for row in rows if row.get("step", step + 1) <= step]
+    logged = _tensorboard_steps(tensorboard_dir) if kept else {}
+    missing = [row["step"] for row in kept
+               if any(row["step"] not in logged.get(tag, ()) for tag, _ in tensorboard_scalars(row))]
+    purge_from = min(missing) if missing else step + 1
+    writer = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=purge_from)
+    for row in kept:
+        if row["step"] >= purge_from:
+            for tag, value in tensorboard_scalars(row):
+                writer.add_scalar(tag, value, global_step=row["step"], walltime=row.get("time"))
+    writer.close()
+
+
+def _tensorboard_steps(tensorboard_dir: Path) -> dict[str, set[int]]:
+    """The steps TensorBoard shows for each scalar tag (nothing when there is no event file yet)."""
+    if not Path(tensorboard_dir).is_dir():
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    events = EventAccumulator(str(tensorboard_dir), size_guidance={SCALARS: 0})
+    events.Reload()
+    return {tag: {event.step for event in events.Scalars(tag)} for tag in events.Tags().get("scalars", [])}

@@ -26,6 +26,12 @@ def scalar(value) -> float | int | str | None:
     return None
 
 
+def tensorboard_scalars(row: dict[str, Any]) -> list[tuple[str, float | int]]:
+    """The (tag, value) pairs of a metrics row that TensorBoard gets: its numbers but the step and the time."""
+    return [(key, value) for key, value in row.items()
+            if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool)]
+
+
 QUEUE_EVENTS = 100_000  # scalar events waiting for TensorBoard's writer thread (~10 MB at most)
 
 
@@ -75,7 +81,6 @@ class MetricsSink:
             with self.jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             if self._writer is not None:
-                for key, value in row.items():
-                    if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                        self._writer.add_scalar(key, value, global_step=step, walltime=row["time"])
+                for key, value in tensorboard_scalars(row):
+                    self._writer.add_scalar(key, value, global_step=step, walltime=row["time"])
         return ready

@@ -231,7 +231,7 @@ def train(run: Run) -> dict:
     if resume_from:
         result["resumed_from"] = resume_from
         if _is_main_process():
-            resume.tensorboard_purge(run.dir / "tensorboard", resume.checkpoint_step(resume_from))
+            resume.tensorboard_purge(run.dir / "tensorboard", resume.checkpoint_step(resume_from), run.read_metrics())
     trainer = cap = None
     budget = os.environ.get("SD3FIT_GPU_BUDGET_GIB")
     if budget and torch.cuda.is_available():
