@@ -63,13 +63,13 @@ def test_a_cpu_run_keeps_only_seconds_and_unknown_parts_are_refused():
 def test_a_gpu_budget_leaves_room_for_what_lies_outside_the_allocator():
     """A card holds the CUDA context and libraries' buffers too: the allocator's cap is the budget less what the run
     has read of them so far, lowered at each part of the run, never raised."""
-    from sd3fit.measure.memory import cap_gpu_memory
+    from sd3fit.measure.memory import GpuCap
 
     fake, memory = _memory()
     fractions = []
     fake.set_per_process_memory_fraction = lambda fraction, device: fractions.append(fraction)
     fake.get_device_properties = lambda device: type("props", (), {"total_memory": fake.TOTAL})
-    cap = cap_gpu_memory(type("torch", (), {"cuda": fake}), 8.0)
+    cap = GpuCap(type("torch", (), {"cuda": fake}), 8.0)
     assert cap.facts()["allocator_cap_gib"] == pytest.approx(7.5)  # the context: 0.5 GiB
     memory.outside_listener = cap.leave_room
     phases = Phases(memory, device=True)

@@ -131,7 +131,7 @@ def tensorboard_purge(tensorboard_dir: Path, step: int, rows: list[dict] = ()) -
 
     from sd3fit.measure.sink import tensorboard_scalars
 
-    kept = [row for row in rows if row.get("step", step + 1) <= step]
+    kept = [row for row in rows if row["step"] <= step]
     logged = _tensorboard_steps(tensorboard_dir) if kept else {}
     missing = [row["step"] for row in kept
                if any(row["step"] not in logged.get(tag, ()) for tag, _ in tensorboard_scalars(row))]

@@ -101,7 +101,3 @@ class GpuCap:
     def facts(self) -> dict:
         return {"budget_gib": self.budget / 1024**3, "fraction": self.fraction, "device_total_gib": self.total / 1024**3,
                 "allocator_cap_gib": self.fraction * self.total / 1024**3, "outside_allocator_gib": self.outside / 1024**3}
-
-
-def cap_gpu_memory(torch_module, budget_gib: float) -> GpuCap:
-    return GpuCap(torch_module, budget_gib)

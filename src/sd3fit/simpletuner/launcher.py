@@ -235,9 +235,9 @@ def train(run: Run) -> dict:
     trainer = cap = None
     budget = os.environ.get("SD3FIT_GPU_BUDGET_GIB")
     if budget and torch.cuda.is_available():
-        from sd3fit.measure.memory import cap_gpu_memory
+        from sd3fit.measure.memory import GpuCap
 
-        cap = cap_gpu_memory(torch, float(budget))
+        cap = GpuCap(torch, float(budget))
     measurement = _measurement(run, config)  # before the model loads: memory history covers loading too
     if cap is not None:
         measurement.memory.outside_listener = cap.leave_room  # the cap leaves room for what a real card holds
