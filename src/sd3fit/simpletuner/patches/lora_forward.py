@@ -60,7 +60,7 @@ def unwrap(trained, device) -> bool:
     on `device`. Returns whether it did."""
     from peft.tuners.lora.layer import Linear
 
-    if _peft_forward is None or not getattr(Linear.forward, WRAPPED, False) or trained is None:
+    if _peft_forward is None or state() != "wrapped" or trained is None:
         return False
     if holds_ramtorch(trained) or not all(_on(p.device, device) for p in trained.parameters()):
         return False

@@ -18,7 +18,6 @@ there. What is fetched, in which order, and where it is copied stay upstream's.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 
@@ -70,7 +69,7 @@ def _fetch_responses(self) -> None:
             except StopIteration:
                 break
             except Exception as exc:  # upstream logs and stops the thread
-                logging.getLogger("DataBackendFactory").debug(f"BatchFetcher encountered exception: {exc}")
+                upstream.logger.debug(f"BatchFetcher encountered exception: {exc}")
                 break
             if self.device_prefetcher is not None:
                 item = self.device_prefetcher.prefetch(item)
@@ -112,7 +111,7 @@ def apply(on: bool) -> None:
         return
     compat.require(CHECKED_AGAINST, __name__)
     needed = ("_resolve_random_iterator", "_set_epoch_step_for_training_step", "DEFAULT_RANDOM_ITERATOR",
-              "DEFAULT_KEEP_RUNNING_PROPERTY")
+              "DEFAULT_KEEP_RUNNING_PROPERTY", "logger")
     missing = [name for name in needed if not hasattr(upstream, name)]
     missing += [name for name in ("fetch_responses", "next_response") if not callable(getattr(upstream.BatchFetcher, name, None))]
     if missing:
