@@ -80,3 +80,27 @@ def test_a_gpu_budget_leaves_room_for_what_lies_outside_the_allocator():
     phases.enter("latents")
     assert cap.facts()["allocator_cap_gib"] == pytest.approx(7.15) and cap.facts()["budget_gib"] == 8.0
     assert fractions[-1] == pytest.approx(7.15 / 80)
+
+
+def test_each_move_gives_cached_memory_back_before_the_next_part_starts():
+    fake, memory = _memory()
+    in_use = {"gib": 1}
+    moves = []
+
+    def release():  # the cache held 6 GiB, of which only what is in use stays reserved
+        moves.append(phases.current)
+        fake.use(in_use["gib"])
+
+    phases = Phases(memory, device=True, release=release)
+    fake.use(6)  # loading left 6 GiB reserved, 1 GiB of it in use
+    phases.enter("text_embeds")
+    phases.enter("text_embeds")  # no move, nothing released
+    in_use["gib"] = 2
+    fake.use(2)
+    with phases.during("validation"):
+        fake.use(3)
+    summary = phases.summary()
+    assert moves == ["loading", "text_embeds", "validation"]
+    reserved = {name: part["peak_reserved_gib"] for name, part in summary.items()}
+    # without the release, text_embeds would start at (and report) loading's 6 GiB
+    assert reserved == {"loading": 6, "text_embeds": 2, "validation": 3}

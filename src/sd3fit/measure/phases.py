@@ -6,6 +6,12 @@ A run moves through parts that hold different things on the GPU: `loading` (mode
 each move folds the allocator's peak since the last reset into the part being left, so the parts' peaks together
 explain the run's whole peak (which part needs a bigger card) and an out-of-memory error can name where it
 happened. On a CPU only the seconds are kept.
+
+Each move also hands the allocator's cached free blocks back to the driver (`release`, `torch.cuda.empty_cache` on a
+GPU) before the next part starts: otherwise what one part cached stays reserved through the next (a lora-8gb run kept
+6.6 GiB reserved while caching text embeddings that needed 1.2 GiB), and on a small card the kernels and library
+buffers the next part loads outside the allocator find no room; the allocator frees its cache itself only when one
+of its own allocations fails, never for them. Once per part, so it costs nothing measurable.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ NAMES = ("loading", "text_embeds", "latents", "training", "validation", "saving"
 
 
 class Phases:
-    def __init__(self, memory, device: bool, clock=time.monotonic, first: str = "loading"):
+    def __init__(self, memory, device: bool, clock=time.monotonic, first: str = "loading", release=None):
         self._memory = memory
+        self._release = release  # gives cached free device memory back, at each move
         self._device = device  # a GPU's allocator peaks; a CPU has none
         self._clock = clock
         self.current = first
@@ -52,6 +59,8 @@ class Phases:
             raise ValueError(f"unknown run phase {name!r}")
         previous = self.current
         if name != previous:
+            if self._release is not None:
+                self._release()  # before the fold, so the next part's peak starts from what is in use
             self._close_current()
             self.current = name
         return previous

@@ -27,7 +27,7 @@ class Measurement:
         self.device = torch.cuda.get_device_name() if self.cuda else "cpu"
         self.profiler = profiling.make_profiler(settings, self.run_dir, self.cuda)
         self.memory = CudaMemory(torch) if self.cuda else HostMemory()
-        self.phases = Phases(self.memory, device=self.cuda)
+        self.phases = Phases(self.memory, device=self.cuda, release=torch.cuda.empty_cache if self.cuda else None)
         self.recorder = None
         if settings.step_metrics or self.profiler is not None:
             self.recorder = StepRecorder(
