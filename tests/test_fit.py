@@ -105,8 +105,9 @@ def test_an_override_that_makes_another_benchmarked_configuration_is_judged_by_t
 
 
 # -- choosing the preset for a card (`sd3fit train lora|full --gpu SIZE`) --------------------------------------------
+# lora-12gb's rows predate the speed patches (0.36 s a step), lora-8gb's do not (0.19 s): on 12 GB, lora-8gb is faster
 @pytest.mark.parametrize("kind, card, expected", [
-    ("lora", "24GB", "lora-24gb"), ("lora", "16GB", "lora-24gb"), ("lora", "12GB", "lora-12gb"), ("lora", "8GB", "lora-8gb"),
+    ("lora", "24GB", "lora-24gb"), ("lora", "16GB", "lora-24gb"), ("lora", "12GB", "lora-8gb"), ("lora", "8GB", "lora-8gb"),
     ("full", "24GB", "full-24gb"), ("full", "16GB", "full-16gb"), ("full", "12GB", "full-12gb"),
 ])
 def test_the_fastest_measured_preset_that_fits_is_chosen(kind, card, expected):
@@ -183,10 +184,10 @@ def local_sd3_medium(tmp_path):
 
 def test_train_chooses_from_the_command_line(tmp_path):
     runs = tmp_path / "runs"
-    proc = run_sd3fit("train", "lora", local_sd3_medium(tmp_path), "--gpu", "12GB", "--runs-dir", str(runs))
+    proc = run_sd3fit("train", "lora", local_sd3_medium(tmp_path), "--gpu", "16GB", "--runs-dir", str(runs))
     line = one_line_error(proc)  # chosen, then stopped by the next check: the study's dataset folder is not here
     assert "data/sargent" in line
-    assert "sd3fit: lora on a 12GB card (11.18 GiB): lora-12gb, the fastest preset measured to fit" in proc.stdout
+    assert "sd3fit: lora on a 16GB card (14.90 GiB): lora-24gb, the fastest preset measured to fit" in proc.stdout
     line = one_line_error(run_sd3fit("train", "full", "--gpu", "8GB", "--runs-dir", str(runs)))
     assert "no full preset fits a 8GB card (7.45 GiB); the smallest card that works is 12GB" in line
     assert "--gpu" in one_line_error(run_sd3fit("train", "lora", "--gpu", "twelve", "--runs-dir", str(runs)))
@@ -200,7 +201,7 @@ def test_without_a_gpu_lora_asks_for_the_card(tmp_path):
 
 
 @pytest.mark.parametrize("card, expected", [("NVIDIA GeForce RTX 3060, 12288", "lora-24gb"),  # 12 GiB: 11.46 fits
-                                             ("NVIDIA GeForce RTX 2080 Ti, 11264", "lora-12gb")])
+                                             ("NVIDIA GeForce RTX 2080 Ti, 11264", "lora-8gb")])
 def test_the_gpu_nvidia_smi_finds_is_used_when_no_card_is_named(tmp_path, card, expected):
     env = fake_nvidia_smi(tmp_path, card)
     proc = run_sd3fit("train", "lora", local_sd3_medium(tmp_path), "--runs-dir", str(tmp_path / "runs"), env=env)

@@ -25,17 +25,26 @@ from sd3fit.presets import PROJECT_DIR, portable
 from sd3fit.runs import Run, shared_gpu
 
 RESULTS_DIR = PROJECT_DIR / "results"
-# the first matching row is the one used. Step times rank presets against each other, so files from one machine
-# come first: the card presets' first benchmark, then the later ones for configurations it does not have (their
-# machine stepped about 1.4x slower, so their step times only make them lose a close choice, never win one; the
-# speed benchmark's rows serve lora-8gb since it parks the transformer for the validation decode)
+# the first matching row is the one used. Step times rank presets against each other, so the newest lease's rows
+# come first (every preset with its speed patches: lora-24gb, lora-8gb, the three full presets); lora-8gb's row under
+# a 6 GiB budget comes before its 8 GB one, which reserved free cache up to that larger cap. Then the card presets'
+# first benchmark, then the later ones for configurations it does not have (their machine stepped about 1.4x slower,
+# so their step times only make them lose a close choice, never win one)
+FIT_H200 = RESULTS_DIR / "2026-11-29-fit-h200"
 REFERENCES = (
+    FIT_H200 / "bench-lora-8gb-6GiB" / "results.jsonl",
+    FIT_H200 / "bench-lora" / "results.jsonl",
+    FIT_H200 / "bench-full-again" / "results.jsonl",  # full-24gb and full-12gb, one call
+    FIT_H200 / "bench-full" / "results.jsonl",  # full-16gb
     RESULTS_DIR / "2026-11-28-cards-h200" / "cards" / "results.jsonl",
     RESULTS_DIR / "2026-11-28-cards2-h200" / "cards" / "results.jsonl",
     RESULTS_DIR / "2026-11-28-cards2-h200" / "tiles" / "results.jsonl",
     RESULTS_DIR / "2026-11-28-bench-h200" / "all-presets" / "results-rescanned.jsonl",
     RESULTS_DIR / "2026-11-28-speed2-h200" / "bench" / "results.jsonl",
 )
+# step times within this factor of the fastest count as the same speed: one configuration's eight-step median ranged
+# 0.189-0.250 s over three runs in one lease (full-24gb and its copy with optimizer-state offload, 2026-11-29-fit-h200)
+SAME_SPEED = 1.3
 KINDS = ("lora", "full")  # model types `sd3fit train KIND --gpu SIZE` chooses a preset for
 # SimpleTuner options that never change GPU memory; every other option does
 IGNORED = frozenset({
@@ -164,7 +173,8 @@ def _measured_candidates(kind: str, overrides: list[str]) -> list[tuple[str, Mea
 
 
 def pick(kind: str, device: tuple[str, float], overrides: list[str]) -> str:
-    """The fastest measured preset of `kind` whose whole-run need is below the GPU's memory."""
+    """The fastest measured preset of `kind` whose whole-run need is below the GPU's memory (of those within
+    `SAME_SPEED` of it, the one made for the largest card up to this GPU)."""
     scored = _measured_candidates(kind, overrides)
     if not scored:
         raise UserError(f"no {kind} preset has a benchmark run of its configuration with these options (SD3 Medium "
@@ -173,10 +183,19 @@ def pick(kind: str, device: tuple[str, float], overrides: list[str]) -> str:
     fitting = [(found.step_s or float("inf"), preset) for preset, found in scored if found.fits(total)]
     if not fitting:
         smallest_preset, smallest = min(scored, key=lambda item: item[1].need_gib)
-        card_size = presets.read(presets.CONFIG_DIR / f"{smallest_preset}.json")["card"]
+        card_size = _card(smallest_preset)
         raise UserError(f"no {kind} preset fits {name} ({total:.2f} GiB); the smallest card that works is {card_size} "
                         f"({smallest_preset} needs {smallest.need_gib:.2f} GiB)")
-    return min(fitting)[1]
+    fastest = min(fitting)
+    # of the presets as fast as the fastest, the one made for the largest card up to this one (a 24 GB preset on a
+    # 24 GB card, not a 16 GB one that saves memory it does not need); else the fastest
+    made_for = [(host.size_gib(_card(preset), "card"), -step, preset) for step, preset in fitting
+                if step <= fastest[0] * SAME_SPEED and host.size_gib(_card(preset), "card") <= total + 0.01]
+    return max(made_for)[2] if made_for else fastest[1]
+
+
+def _card(preset: str) -> str:
+    return presets.read(presets.CONFIG_DIR / f"{preset}.json")["card"]
 
 
 def smaller(run: Run) -> tuple[str, float] | None:
