@@ -221,7 +221,7 @@ def tradeoff(group: list[dict], heading: str):
     """Step time against whole-run device peak, one point per finished configuration; presets made for a card
     (rows with `card`) are marked and named."""
     points = [r for r in group if r["status"] == "finished" and r.get("step_s_median") and device_peak(r)]
-    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
     for n, row in enumerate(sorted(points, key=device_peak)):
         chosen = bool(row.get("card"))
         x, y = device_peak(row), row["step_s_median"]
@@ -229,7 +229,8 @@ def tradeoff(group: list[dict], heading: str):
                    color=COLORS[0] if row.get("model_type") == "lora" else COLORS[1], zorder=3)
         shown = [row["budget"]] if row.get("budget_gib") is not None else []
         shown += [] if speed.label(row) == speed.SD3FIT else [speed.label(row)]
-        ax.annotate(row["preset"] + (f" ({', '.join(shown)})" if shown else ""), (x, y),
+        name = Path(row["preset"]).stem if row["preset"].endswith(".json") else row["preset"]  # a file: its name
+        ax.annotate(name + (f" ({', '.join(shown)})" if shown else ""), (x, y),
                     textcoords="offset points", xytext=(5, 6 if n % 2 == 0 else -13), fontsize=7)  # neighbours apart
     top = max((device_peak(r) for r in points), default=0)
     # every card line up to the first card that holds the largest point
