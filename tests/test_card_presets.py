@@ -2,7 +2,8 @@
 options: quantized text encoders and base, checkpointing, 8-bit optimizer state with stochastic rounding, gradient
 release, offloading during start-up, VAE tiling), saves weights that load into diffusers, and keeps its loss curve within
 the seed-to-seed spread of its unconstrained counterpart (the study's lora-r64-bf16 and full-bf16, at the same
-learning rate): saving memory must not change what is learned.
+learning rate): saving memory must not change what is learned. A full preset's curve (8-bit optimizer state with
+bf16 stochastic rounding) must also stay within that spread of AdamW with fp32 weights and state.
 
 The spread: both counterpart runs see the same data, and a seed changes the noise and timesteps drawn at every step,
 so the root mean square of their per-step loss differences is how far the curve moves when nothing but chance
@@ -31,6 +32,7 @@ TINY = [  # the card presets' memory options on the tiny model: only size, data,
 ]
 LEARNING_RATE = {"lora": 1e-3, "full": 1e-4}
 REFERENCE = {"lora": "lora-r64-bf16", "full": "full-bf16"}
+FP32_STATE = ("optimizer=torch-adamw", "mixed_precision=no")  # fp32 weights, so AdamW's moments are fp32 too
 SEEDS = (42, 43)  # the presets' seed first
 
 
@@ -60,6 +62,15 @@ def references(tmp_path_factory, demo_assets):
             for kind, preset in REFERENCE.items()}
 
 
+@pytest.fixture(scope="module")
+def fp32_state(tmp_path_factory, demo_assets):
+    """Full fine-tuning with torch's AdamW on fp32 weights: its loss curve per seed."""
+    root = tmp_path_factory.mktemp("fp32-state-runs")
+    return {seed: losses(train(root, f"fp32-{seed}", REFERENCE["full"], *TINY, f"learning_rate={LEARNING_RATE['full']}",
+                               f"seed={seed}", *FP32_STATE))
+            for seed in SEEDS}
+
+
 @pytest.mark.parametrize("preset", card_presets("lora") + card_presets("full"))
 def test_every_card_a_preset_claims_is_backed_by_a_benchmark_row_under_that_card(preset):
     """The committed benchmark ran this very configuration (SD3 Medium's architecture) under its card's budget, to
@@ -76,7 +87,8 @@ def test_every_card_a_preset_claims_is_backed_by_a_benchmark_row_under_that_card
 
 
 @pytest.mark.parametrize("preset", card_presets("lora") + card_presets("full"))
-def test_card_preset_trains_like_its_unconstrained_counterpart(tmp_path, preset, references, base, demo_assets):  # noqa: F811
+def test_card_preset_trains_like_its_unconstrained_counterpart(tmp_path, request, preset, references, base,  # noqa: F811
+                                                               demo_assets):
     data = presets.read(presets.CONFIG_DIR / f"{preset}.json")
     kind = data["model_type"]
     # RamTorch (text encoders streamed from CPU memory) needs CUDA; on a CPU the encoders already live in CPU memory
@@ -88,6 +100,10 @@ def test_card_preset_trains_like_its_unconstrained_counterpart(tmp_path, preset,
     spread = rms(same_seed, other_seed)
     assert spread > 0.01  # the seeds really drew differently: the bound below means something
     assert rms(curve, same_seed) <= spread, (rms(curve, same_seed), spread)
+    if kind == "full":
+        fp32 = request.getfixturevalue("fp32_state")
+        fp32_spread = rms(fp32[SEEDS[0]], fp32[SEEDS[1]])
+        assert fp32_spread > 0.01 and rms(curve, fp32[SEEDS[0]]) <= fp32_spread, (rms(curve, fp32[SEEDS[0]]), fp32_spread)
     options = json.loads(run.config.read_text())["simpletuner"]
     assert (result["transformer"]["quantized_modules"] > 0) == (options.get("base_model_precision") == "int8-quanto")
     assert (run.output / f"checkpoint-{STEPS // 2}").is_dir()  # a checkpoint saved inside the run
