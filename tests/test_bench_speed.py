@@ -79,8 +79,11 @@ def test_resume_identifies_rows_by_preset_budget_and_speed_and_old_rows_are_sd3f
             {"preset": "demo", "budget": "none", "status": "finished", "speed": "stock", "speed_patches": []},
             {"preset": "demo", "budget": "24GB", "status": "finished", "speed": f"without {KEYS[0]}"}]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    done = runner._check_resume(tmp_path, _settings(speed="each"))  # a later call may ask for other variants
-    assert done == {("demo", "none", "sd3fit"), ("demo", "none", "stock"), ("demo", "24GB", f"without {KEYS[0]}")}
+    rows.append({"preset": "demo", "budget": "none", "status": "finished", "speed": "stock", "round": 2})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = runner._check_resume(tmp_path, _settings(speed="each", rounds=3))  # a later call may ask for more
+    assert done == {("demo", "none", "sd3fit", 1), ("demo", "none", "stock", 1), ("demo", "24GB", f"without {KEYS[0]}", 1),
+                    ("demo", "none", "stock", 2)}
     with pytest.raises(UserError, match="steps=3"):
         runner._check_resume(tmp_path, _settings(steps=5, speed="both"))
 
@@ -136,6 +139,22 @@ def test_report_compares_sd3fit_with_stock_and_each_patch_with_sd3fit(tmp_path):
     # the stock run ran out of memory: its step time compares, its memory peaks do not; no `without` rows
     assert _cells(against, "| `full`")[2:] == ["none", "0.75", "1.33", "–", "–", "–", "–"]
     assert "| `old`" not in against
+
+
+def test_report_over_rounds_takes_ratios_round_by_round(tmp_path):
+    from sd3fit.report import bench
+
+    found = []
+    for n, (reference, other) in enumerate([(0.25, 0.31), (0.20, 0.22), (0.24, 0.30)], 1):
+        found += [{**_row("full-24gb", "sd3fit", reference), "round": n}, {**_row("full-12gb", "sd3fit", other), "round": n}]
+    bench.write(found, tmp_path / "report")
+    main, over = (tmp_path / "report" / "summary.md").read_text().split("#### Over rounds")
+    assert _cells(main, "| `full-12gb` (round 2) | none | sd3fit")[4] == "0.220"
+    # each round against the same round's first preset: 0.31/0.25, 0.22/0.20, 0.30/0.24; not 0.22/0.25
+    assert _cells(over, "| `full-12gb`")[3:] == ["3", "0.300", "0.310, 0.220, 0.300", "1.24, 1.10, 1.25", "1.24"]
+    assert _cells(over, "| `full-24gb`")[3:] == ["3", "0.240", "0.250, 0.200, 0.240", "1.00, 1.00, 1.00", "1.00"]
+    bench.write(found[:2], tmp_path / "one-round")  # one round: no such table
+    assert "Over rounds" not in (tmp_path / "one-round" / "summary.md").read_text()
 
 
 def test_report_of_rows_without_a_stock_run_has_no_comparison(tmp_path):
@@ -199,6 +218,14 @@ def test_bench_speed_resume_skips_rows_it_has(both, demo_assets):
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "training in" not in proc.stdout
     assert tree_snapshot(out / "runs") == before and len(results.read(out)) == 2
+    proc = run_sd3fit(*args, "--rounds", "2")  # only the second round's run is missing
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("training in") == 1 and "[1/1] demo, GPU budget none, speed sd3fit, round 2" in proc.stdout
+    found = results.read(out)
+    assert [(r["speed"], r.get("round")) for r in found] == [("stock", 1), ("sd3fit", 1), ("sd3fit", 2)]
+    assert Path(found[-1]["run"]).name == "demo-nocap-round2" and found[-1]["status"] == "finished"
+    line = one_line_error(run_sd3fit(*args, "--rounds", "0"))
+    assert "--rounds" in line and "0" in line
 
 
 def test_bench_and_report_do_not_import_each_other():

@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", default=speed.SD3FIT, choices=speed.MODES,
                    help="sd3fit's speed patches: as the presets set them (sd3fit, default), all off (stock), a stock "
                         "and an sd3fit run back to back (both), or both plus one run per patch with only it off (each)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole list this many times in turn (A B A B ...): the report gives the median over "
+                        "rounds and each preset's step over the first's, round by round (default 1)")
     p.add_argument("--no-validation", action="store_true", help="skip the one validation at the last step")
     p.add_argument("--keep-weights", action="store_true", help="keep each run's trained adapter or model (deleted by default)")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (TFLOP/s) for MFU, if sd3fit does not know it")
@@ -257,7 +260,7 @@ def cmd_bench(args) -> int:
         presets=args.presets or runner.default_presets(), budgets=args.gpu_budget, steps=args.steps,
         warmup_steps=args.warmup_steps, resolution=args.resolution, model=args.model,
         validation=not args.no_validation, keep_weights=args.keep_weights, peak_tflops=args.peak_tflops,
-        speed=args.speed,
+        speed=args.speed, rounds=args.rounds,
     )
     out = Path(args.out or time.strftime("benchmarks/bench-%Y%m%d-%H%M%S"))
     command = "sd3fit " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "sd3fit bench"

@@ -16,7 +16,7 @@ import numpy as np
 from sd3fit.runs import Run, largest, values  # not from sd3fit.report: bench never imports the report
 
 FIELDS = (
-    "preset", "budget", "budget_gib", "speed", "speed_patches", "status", "error", "model_type", "lora_rank", "base_model_precision",
+    "preset", "budget", "budget_gib", "speed", "speed_patches", "round", "status", "error", "model_type", "lora_rank", "base_model_precision",
     "resolution", "batch_size", "warmup_steps", "measured_steps", "global_step",
     "step_s_median", "step_s_p10", "step_s_p90", "interval_s_median", "images_per_s",
     "model_tflop_per_image", "peak_tflops", "mfu",

@@ -44,6 +44,7 @@ class Settings:
     keep_weights: bool = False
     peak_tflops: float | None = None
     speed: str = speeds.SD3FIT  # a mode of sd3fit.bench.speed; not checked on --resume: a later call may add variants
+    rounds: int = 1  # passes over the whole list (A B A B ...); not checked on --resume: a later call may add rounds
 
 
 def default_presets() -> list[str]:
@@ -114,7 +115,7 @@ def overrides(settings: Settings, model: str, data: Path) -> list[str]:
     return out
 
 
-def _check_resume(out: Path, settings: Settings) -> set[tuple[str, str, str]]:
+def _check_resume(out: Path, settings: Settings) -> set[tuple[str, str, str, int]]:
     saved_path = out / SETTINGS
     if not saved_path.is_file():
         require_free_folder(out, "--out (or add --resume to continue a benchmark there)")
@@ -125,7 +126,7 @@ def _check_resume(out: Path, settings: Settings) -> set[tuple[str, str, str]]:
             raise UserError(f"{out} holds a benchmark with {key}={saved.get(key)!r}, not {asdict(settings)[key]!r}; "
                             "use the same settings with --resume, or a new --out")
     done = results.read(out) if (out / results.RESULTS).is_file() else []
-    return {(r["preset"], r["budget"], speeds.label(r)) for r in done}
+    return {(r["preset"], r["budget"], speeds.label(r), speeds.round_of(r)) for r in done}
 
 
 def _free_name(root: Path, name: str) -> str:
@@ -143,6 +144,8 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
         raise UserError("--presets lists the same preset twice")
     if settings.steps < 1 or settings.warmup_steps < 0:
         raise UserError("--steps must be 1 or more and --warmup-steps 0 or more")
+    if settings.rounds < 1:
+        raise UserError(f"--rounds must be 1 or more, not {settings.rounds}")
     speeds.variants(settings.speed, {})  # a bad mode stops the benchmark before anything runs
     if settings.resolution % 64 or not 128 <= settings.resolution <= 2048:
         raise UserError(f"--resolution {settings.resolution} must be a multiple of 64 from 128 to 2048 (SD3 Medium: 512 or 1024)")
@@ -166,18 +169,22 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
     extra = overrides(settings, model, data)
     # prepare every run before the first starts: a bad option or dataset stops the benchmark at once
     plan = []
-    for name in settings.presets:
-        for cap in (c.for_preset(loaded[name].values.get("card")) for c in caps):
-            # the variants of one preset and budget run back to back, so their ratio sees the same machine state
-            for variant in speeds.variants(settings.speed, loaded[name].values):
-                if (name, cap.label, variant.label) in done:
-                    continue
-                # a preset may be a path: its file name names the folder
-                run_name = _free_name(out / "runs", f"{presets.find(name).stem}-{cap.slug}{variant.suffix}")
-                # no fit check: finding out what fits is the benchmark's job
-                prepared = train.prepare(name, extra + variant.overrides, name=run_name, runs_dir=str(out / "runs"),
-                                         check_fit=False)
-                plan.append((name, cap, variant, prepared))
+    # the whole list once per round: a drift of the machine between two presets' runs (step medians of one
+    # configuration spread 0.19-0.25 s in one lease) then shows as a spread over rounds, not as a ratio
+    for round_ in range(1, settings.rounds + 1):
+        for name in settings.presets:
+            for cap in (c.for_preset(loaded[name].values.get("card")) for c in caps):
+                # the variants of one preset and budget run back to back, so their ratio sees the same machine state
+                for variant in speeds.variants(settings.speed, loaded[name].values):
+                    if (name, cap.label, variant.label, round_) in done:
+                        continue
+                    # a preset may be a path: its file name names the folder
+                    again = f"-round{round_}" if round_ > 1 else ""
+                    run_name = _free_name(out / "runs", f"{presets.find(name).stem}-{cap.slug}{variant.suffix}{again}")
+                    # no fit check: finding out what fits is the benchmark's job
+                    prepared = train.prepare(name, extra + variant.overrides, name=run_name, runs_dir=str(out / "runs"),
+                                             check_fit=False)
+                    plan.append((name, cap, variant, round_, prepared))
     out.mkdir(parents=True, exist_ok=True)
     record = json.loads((out / SETTINGS).read_text()) if (out / SETTINGS).is_file() else {
         **asdict(settings), "model_label": label, "gpu": facts["gpu"], "calls": []}
@@ -199,13 +206,14 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     failed = 0
-    for n, (name, cap, variant, prepared) in enumerate(plan, 1):
+    for n, (name, cap, variant, round_, prepared) in enumerate(plan, 1):
         if interrupted:
             break
         run_dir = prepared.run.dir
         train.write(prepared)
-        print(f"[{n}/{len(plan)}] {name}, GPU budget {cap.label}, speed {variant.label}: training in {shown(run_dir)}",
-              flush=True)
+        which = f", round {round_}" if settings.rounds > 1 else ""
+        print(f"[{n}/{len(plan)}] {name}, GPU budget {cap.label}, speed {variant.label}{which}: training in "
+              f"{shown(run_dir)}", flush=True)
         # an empty value means no cap, also when the user's environment sets one
         env = {"SD3FIT_GPU_BUDGET_GIB": "" if cap.gib is None else str(cap.gib)}
         in_use = host.gpu_memory_used_gib() if facts["gpu"] else None  # this process holds no CUDA context
@@ -231,7 +239,7 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
             counted[key] = flops.per_image(config, options, settings.resolution) if config else None
         row = rows.from_run(prepared.run, code, settings.warmup_steps, counted[key], peak)
         row.update(facts)
-        row.update(preset=name, budget=cap.label, budget_gib=cap.gib, speed=variant.label,
+        row.update(preset=name, budget=cap.label, budget_gib=cap.gib, speed=variant.label, round=round_,
                    speed_patches=speeds.patches_on(prepared.preset.values), wall_s=round(time.time() - started, 1),
                    gpu_in_use_before_gib=None if in_use is None else round(in_use, 3),
                    model=presets.portable(model) if Path(model).exists() else model, model_label=label,

@@ -16,11 +16,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sd3fit.host import CARD_SIZES_GB, GIB  # noqa: E402
-from sd3fit.report import speed  # noqa: E402
+from sd3fit.report import rounds, speed  # noqa: E402
 from sd3fit.report.compare import fmt as _f  # noqa: E402
 from sd3fit.report.compare import ratio  # noqa: E402
 from sd3fit.report.write import slug  # noqa: E402
 from sd3fit.runs import shared_gpu  # noqa: E402
+from sd3fit.speedrows import round_of  # noqa: E402
 
 STATUS = {"finished": "ran", "out_of_memory": "**out of memory**", "failed": "failed"}
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
@@ -40,7 +41,8 @@ def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     for key, group in out.items():
         presets, budgets = _ordered(r["preset"] for r in group), _ordered(r["budget"] for r in group)
         labels = _ordered(speed.label(r) for r in group)
-        group.sort(key=lambda r: (presets.index(r["preset"]), budgets.index(r["budget"]), labels.index(speed.label(r))))
+        group.sort(key=lambda r: (presets.index(r["preset"]), budgets.index(r["budget"]), labels.index(speed.label(r)),
+                                  round_of(r)))
     return out
 
 
@@ -48,9 +50,10 @@ def _ordered(values) -> list:
     return list(dict.fromkeys(values))
 
 
-def _full(rows: list[dict], budget: str, label: str) -> dict | None:
+def _full(rows: list[dict], budget: str, label: str, round_: int = 1) -> dict | None:
     for row in rows:
-        if row.get("model_type") == "full" and row.get("budget") == budget and speed.label(row) == label:
+        if (row.get("model_type") == "full" and row.get("budget") == budget and speed.label(row) == label
+                and round_of(row) == round_):
             return row
     return None
 
@@ -85,11 +88,12 @@ def markdown(rows: list[dict]) -> str:
                 "whole run: peak reserved (GiB)", "whole run: device (GiB)", "time vs full", "step memory vs full", "run memory vs full"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in group:
-            full = _full(group, row["budget"], speed.label(row))
+            full = _full(group, row["budget"], speed.label(row), round_of(row))
             finished = row.get("step_s_median") is not None  # trained: an OOM at validation keeps its step times
             spread = f"{_f(row.get('step_s_p10'), '.3f')}–{_f(row.get('step_s_p90'), '.3f')}" if finished else "–"
             budget = "none" if row.get("budget_gib") is None else f"{row['budget']} ({row['budget_gib']:.2f} GiB)"
-            cells = [f"`{row['preset']}`", budget, speed.label(row), STATUS.get(row["status"], row["status"]),
+            again = f" (round {round_of(row)})" if round_of(row) > 1 else ""
+            cells = [f"`{row['preset']}`{again}", budget, speed.label(row), STATUS.get(row["status"], row["status"]),
                      _f(row.get("step_s_median"), ".3f") if finished else "–", spread,
                      _f(row.get("images_per_s")) if finished else "–",
                      _f(100 * row["mfu"], ".1f") + " %" if finished and row.get("mfu") else "–",
@@ -110,9 +114,9 @@ def markdown(rows: list[dict]) -> str:
                              "started; its device peak and step times include that process's share")
         if notes:
             parts += notes + [""]
-        against = speed.markdown(group)
-        if against:
-            parts.append(against)
+        for table in (speed.markdown(group), rounds.markdown(group)):
+            if table:
+                parts.append(table)
     return "\n".join(parts)
 
 
