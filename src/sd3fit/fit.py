@@ -189,8 +189,9 @@ def pick(kind: str, device: tuple[str, float], overrides: list[str]) -> str:
     fastest = min(fitting)
     # of the presets as fast as the fastest, the one made for the largest card up to this one (a 24 GB preset on a
     # 24 GB card, not a 16 GB one that saves memory it does not need); else the fastest
-    made_for = [(host.size_gib(_card(preset), "card"), -step, preset) for step, preset in fitting
-                if step <= fastest[0] * SAME_SPEED and host.size_gib(_card(preset), "card") <= total + 0.01]
+    card_gib = {preset: host.size_gib(_card(preset), "card") for _, preset in fitting}
+    made_for = [(card_gib[preset], -step, preset) for step, preset in fitting
+                if step <= fastest[0] * SAME_SPEED and card_gib[preset] <= total + 0.01]
     return max(made_for)[2] if made_for else fastest[1]
 
 
