@@ -64,11 +64,11 @@ def references(tmp_path_factory, demo_assets):
 
 @pytest.fixture(scope="module")
 def fp32_state(tmp_path_factory, demo_assets):
-    """Full fine-tuning with torch's AdamW on fp32 weights: its loss curve per seed."""
-    root = tmp_path_factory.mktemp("fp32-state-runs")
-    return {seed: losses(train(root, f"fp32-{seed}", REFERENCE["full"], *TINY, f"learning_rate={LEARNING_RATE['full']}",
-                               f"seed={seed}", *FP32_STATE))
-            for seed in SEEDS}
+    """Full fine-tuning with torch's AdamW on fp32 weights, at the presets' seed: its loss curve. (The spread it is
+    held to is the counterpart's two seeds': what a seed changes is the noise and timesteps drawn, not the optimizer.)"""
+    root = tmp_path_factory.mktemp("fp32-state-run")
+    return losses(train(root, "fp32", REFERENCE["full"], *TINY, f"learning_rate={LEARNING_RATE['full']}",
+                        f"seed={SEEDS[0]}", *FP32_STATE))
 
 
 @pytest.mark.parametrize("preset", card_presets("lora") + card_presets("full"))
@@ -102,8 +102,7 @@ def test_card_preset_trains_like_its_unconstrained_counterpart(tmp_path, request
     assert rms(curve, same_seed) <= spread, (rms(curve, same_seed), spread)
     if kind == "full":
         fp32 = request.getfixturevalue("fp32_state")
-        fp32_spread = rms(fp32[SEEDS[0]], fp32[SEEDS[1]])
-        assert fp32_spread > 0.01 and rms(curve, fp32[SEEDS[0]]) <= fp32_spread, (rms(curve, fp32[SEEDS[0]]), fp32_spread)
+        assert rms(curve, fp32) <= spread, (rms(curve, fp32), spread)
     options = json.loads(run.config.read_text())["simpletuner"]
     assert (result["transformer"]["quantized_modules"] > 0) == (options.get("base_model_precision") == "int8-quanto")
     assert (run.output / f"checkpoint-{STEPS // 2}").is_dir()  # a checkpoint saved inside the run
