@@ -14,11 +14,8 @@ from __future__ import annotations
 from statistics import median
 
 from sd3fit.report.compare import fmt as _f
+from sd3fit.report.compare import ratio
 from sd3fit.speedrows import label, round_of
-
-
-def _step(row: dict | None) -> float | None:
-    return row.get("step_s_median") if row else None
 
 
 def markdown(group: list[dict]) -> str:
@@ -35,10 +32,11 @@ def markdown(group: list[dict]) -> str:
             "step / first preset's, each round", "step / first preset's, median"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, by_round in runs.items():
-        steps = {n: _step(row) for n, row in sorted(by_round.items())}
+        steps = {n: row.get("step_s_median") for n, row in sorted(by_round.items())}
         ran = [s for s in steps.values() if s is not None]
         ref = runs[reference[key[2]]]
-        ratios = {n: s / _step(ref.get(n)) for n, s in steps.items() if s is not None and _step(ref.get(n))}
+        ratios = {n: r for n, row in sorted(by_round.items())
+                  if (r := ratio(row, ref.get(n), "step_s_median")) is not None}
         cells = [f"`{key[0]}`", key[1], key[2], str(len(by_round)), _f(median(ran), ".3f") if ran else "–",
                  ", ".join(_f(s, ".3f") if s is not None else "–" for s in steps.values()),
                  ", ".join(_f(r) for r in ratios.values()) if ratios else "–",
