@@ -82,6 +82,7 @@ def test_integers_are_accepted_for_float_options():
         ({"delete_unwanted_images": True}, "would delete files from your dataset folder"),
         ({"optimizer_release_gradients": True, "grad_clip_method": "norm", "max_grad_norm": 1.0}, "clipping by norm"),
         ({"optimizer_release_gradients": True, "fsdp_enable": True}, "cannot step FSDP's shards"),
+        ({"stream_optimizer_state": True}, "set optimizer_release_gradients=true"),
         ({"card": "twelve"}, "cannot read option card"),
     ],
 )

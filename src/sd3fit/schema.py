@@ -47,6 +47,12 @@ SD3FIT_KEYS: dict[str, Key] = {
         "Move the optimizer's state to CPU memory while validation images are generated and checkpoints are written, "
         "and back before the next step: a full fine-tune's validation then fits the memory its training needs.",
     ),
+    "stream_optimizer_state": Key(
+        "bool",
+        "With optimizer_release_gradients, keep the optimizer's state in CPU memory for good and copy each block's "
+        "state to the GPU for that block's step only (about 0.2 GiB there instead of the whole state, 3.8 GiB for SD3 "
+        "Medium in 8 bits); every step copies the whole state to the GPU and back.",
+    ),
     "offload_transformer_for_decode": Key(
         "bool",
         "While a validation image is decoded by the VAE, keep the transformer in CPU memory (back right after): the "
@@ -219,6 +225,9 @@ def _rules(cfg: dict[str, Any]) -> None:
     if get("optimizer_release_gradients") and get("grad_clip_method") == "norm" and (get("max_grad_norm") or 0) > 0:
         raise UserError("option optimizer_release_gradients frees each gradient as soon as it is used, so clipping by "
                         "norm (which needs all of them) cannot work; use grad_clip_method=value or max_grad_norm=0")
+    if get("stream_optimizer_state") and not get("optimizer_release_gradients"):
+        raise UserError("option stream_optimizer_state brings each block's state to the GPU as its gradients are "
+                        "released; set optimizer_release_gradients=true")
     if get("optimizer_release_gradients") and get("fsdp_enable"):
         raise UserError("option optimizer_release_gradients steps whole parameters in the backward pass and cannot step "
                         "FSDP's shards; turn one of optimizer_release_gradients and fsdp_enable off")

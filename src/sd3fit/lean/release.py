@@ -18,6 +18,9 @@ Buckets (`buckets=`, e.g. the parameters of each transformer block): a bucket is
 in, in one `step()` over the bucket (a foreach optimizer then batches it) or one `step_many(optimizer, params,
 group)` call (sd3fit.lean.ao_multistep for torchao's low-bit AdamW); at most the gradients of the buckets still
 filling are held. `flush()` after backward steps what a bucket got when some of its parameters got no gradient.
+
+`stream=` (a `sd3fit.lean.state_stream.StateStream`): the optimizer state lives in CPU memory and each bucket's
+state is brought to the GPU for its step only.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ class GradientRelease:
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor],
                  clip_value: float | None = None, accumulating: Callable[[], bool] = lambda: False,
-                 buckets: Iterable[Iterable[torch.Tensor]] | None = None, step_many: Callable | None = None):
+                 buckets: Iterable[Iterable[torch.Tensor]] | None = None, step_many: Callable | None = None,
+                 stream=None):
         self.optimizer = optimizer
+        self.stream = stream
         self.clip_value = clip_value or None
         self.accumulating = accumulating
         self.step_many = step_many
@@ -101,6 +106,8 @@ class GradientRelease:
         if self.clip_value is not None:
             torch._foreach_clamp_min_(grads, -self.clip_value)
             torch._foreach_clamp_max_(grads, self.clip_value)
+        if self.stream is not None:
+            self.stream.fetch(params)
         by_group: dict[int, list[torch.Tensor]] = {}
         for p in params:
             by_group.setdefault(id(self._group_of[id(p)]), []).append(p)
@@ -117,6 +124,8 @@ class GradientRelease:
                 self.optimizer.step()
             finally:
                 self.optimizer.param_groups = groups
+        if self.stream is not None:
+            self.stream.store(params)
         for p in params:
             p.grad = None
         self.steps += len(params)

@@ -80,6 +80,7 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
         sd3fit_int8_base = int8_precision
         sd3fit_release_by_block = bool(own.get("release_by_block"))
         sd3fit_offload_optimizer_state = bool(own.get("offload_optimizer_state"))
+        sd3fit_stream_state = bool(own.get("stream_optimizer_state"))
         sd3fit_interrupt = stop
 
         def init_trackers(self):
@@ -193,6 +194,9 @@ def _speed(own: dict, trainer=None) -> dict:
     if release is not None:  # gradient release: parameter steps, and how many calls made them
         out["gradient_release"] = {"parameter_steps": release.steps, "bucket_steps": release.bucket_steps,
                                    "compiled_buckets": release.step_many is not None}
+        stream = release.stream
+        if stream is not None:
+            out["gradient_release"]["streamed_state_gib"] = round(stream.cpu_bytes / 2**30, 3)
     return out
 
 

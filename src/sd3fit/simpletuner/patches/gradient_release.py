@@ -21,6 +21,10 @@ With the speed key `release_by_block`, the parameters are stepped a block at a t
 other top-level module) once all the block's gradients are in: torchao's low-bit AdamW through one compiled call per
 block (`sd3fit.lean.ao_multistep`) instead of one per parameter, any other optimizer through one `step()` over the
 block; after each backward the blocks whose parameters got no gradient are stepped with what they got.
+
+With `stream_optimizer_state` (an sd3fit memory key), the optimizer's state lives in CPU memory and each block's state
+is copied to the GPU for its step and back after it (`sd3fit.lean.state_stream`); `mark_optimizer_eval`, which
+upstream calls before validation and before writing a checkpoint, first waits for the copies back to land.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import inspect
 
 from sd3fit.lean import ao_multistep
 from sd3fit.lean.release import GradientRelease, module_buckets
+from sd3fit.lean.state_stream import StateStream
 from sd3fit.simpletuner import compat
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
@@ -39,7 +44,7 @@ _SELF_CLIPPING = ("optimi-stableadamw", "prodigy")
 
 def check(trainer_cls) -> None:
     compat.require(CHECKED_AGAINST, __name__)
-    for name in ("init_optimizer", "train", "_max_grad_value"):
+    for name in ("init_optimizer", "train", "_max_grad_value", "mark_optimizer_eval"):
         if not callable(getattr(trainer_cls, name, None)):
             raise RuntimeError(f"{__name__}: SimpleTuner's Trainer lacks {name}; this patch needs updating")
     if "self.optimizer.optimizer_accumulation" not in inspect.getsource(trainer_cls.train):
@@ -63,6 +68,8 @@ def _inner(optimizer):
 class ReleasingTrainer:
     sd3fit_release = None
     sd3fit_release_by_block = False  # the `release_by_block` speed key
+    sd3fit_stream_state = False  # the `stream_optimizer_state` memory key
+    sd3fit_state_stream = None
 
     def init_optimizer(self):
         if not getattr(self.config, "optimizer_release_gradients", False):
@@ -75,12 +82,19 @@ class ReleasingTrainer:
         component = self.model.get_trained_component()
         inner = _inner(self.optimizer)
         by_block = self.sd3fit_release_by_block
+        self.sd3fit_state_stream = StateStream(inner) if self.sd3fit_stream_state else None
         self.sd3fit_release = GradientRelease(
             inner, component.parameters(), clip_value=clip_value(self.config),
             accumulating=lambda: bool(getattr(self.optimizer, "optimizer_accumulation", False)),
             buckets=module_buckets(component) if by_block else None,
             step_many=ao_multistep.step_many if by_block and ao_multistep.supports(inner) else None,
+            stream=self.sd3fit_state_stream,
         )
+
+    def mark_optimizer_eval(self):
+        if self.sd3fit_state_stream is not None:
+            self.sd3fit_state_stream.settle()  # the host reads the state next (checkpoint) or may (validation)
+        super().mark_optimizer_eval()
 
     def _max_grad_value(self):
         found = self.sd3fit_release.take_absmax() if self.sd3fit_release is not None else None
