@@ -377,3 +377,25 @@ def test_an_interrupted_benchmark_kills_its_trainer_at_once(tmp_path):
     with pytest.raises(ProcessLookupError):
         os.kill(trainer, 0)
     assert "ready" in (tmp_path / "train.log").read_text()
+
+
+@pytest.mark.parametrize("wrote_result", [True, False])
+def test_an_interrupt_after_the_trainer_wrote_its_result_keeps_the_runs_row(tmp_path, demo_assets, monkeypatch,
+                                                                            wrote_result):
+    """`timeout` may stop a benchmark while a finished trainer is still exiting: the run is whole and gets its row
+    (then the benchmark stops); a run stopped before its result was written gets none."""
+    from sd3fit.bench import runner
+
+    def trainer_killed_while_exiting(prepared, **kwargs):
+        done = _run_folder(tmp_path / "template", FINISHED)
+        for path in (done.metrics, done.log, *([done.result] if wrote_result else [])):
+            (prepared.run.dir / path.name).write_bytes(path.read_bytes())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.launch, "launch", trainer_killed_while_exiting)
+    settings = runner.Settings(presets=["demo", "full-bf16"], budgets=["none"], steps=3, warmup_steps=1,
+                               resolution=128, model=str(demo_assets["model"]))
+    out = tmp_path / "out"
+    assert runner.run(settings, out, resume=False, command="sd3fit bench ...") == 130
+    found = results.read(out) if (out / "results.jsonl").exists() else []
+    assert [(r["preset"], r["status"]) for r in found] == ([("demo", "finished")] if wrote_result else [])

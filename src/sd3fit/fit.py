@@ -29,13 +29,15 @@ RESULTS_DIR = PROJECT_DIR / "results"
 # come first (every preset with its speed patches: lora-24gb, lora-8gb, the three full presets); lora-8gb's row under
 # a 6 GiB budget comes before its 8 GB one, which reserved free cache up to that larger cap. Then the card presets'
 # first benchmark, then the later ones for configurations it does not have (their machine stepped about 1.4x slower,
-# so their step times only make them lose a close choice, never win one)
+# so their step times only make them lose a close choice, never win one). The next lease's (full-8gb, with full-24gb
+# and full-12gb in the same call) ran on a machine that stepped full-24gb 1.7x slower: after that lease's files too
 FIT_H200 = RESULTS_DIR / "2026-11-29-fit-h200"
 REFERENCES = (
     FIT_H200 / "bench-lora-8gb-6GiB" / "results.jsonl",
     FIT_H200 / "bench-lora" / "results.jsonl",
     FIT_H200 / "bench-full-again" / "results.jsonl",  # full-24gb and full-12gb, one call
     FIT_H200 / "bench-full" / "results.jsonl",  # full-16gb
+    RESULTS_DIR / "2026-11-29-fit8-h200" / "bench-full" / "results.jsonl",  # full-8gb
     RESULTS_DIR / "2026-11-28-cards-h200" / "cards" / "results.jsonl",
     RESULTS_DIR / "2026-11-28-cards2-h200" / "cards" / "results.jsonl",
     RESULTS_DIR / "2026-11-28-cards2-h200" / "tiles" / "results.jsonl",

@@ -136,6 +136,13 @@ def _free_name(root: Path, name: str) -> str:
     return candidate
 
 
+def _finished(run) -> bool:
+    try:
+        return (run.read_result() or {}).get("status") == "finished"
+    except (OSError, UserError):  # a result cut off while written
+        return False
+
+
 def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
     caps = [budgets.parse(b) for b in settings.budgets]
     if len({(c.gib, c.label == budgets.CARD_WORD) for c in caps}) != len(caps) or len({c.slug for c in caps}) != len(caps):
@@ -222,16 +229,19 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
                   "and step times include its share", flush=True)
         started = time.time()
         training[0] = True
+        code = None
         try:
             code = launch.launch(prepared, env=env, echo=False, stop_at_once=True)
         except KeyboardInterrupt:
             interrupted.append("interrupt")
         finally:
             training[0] = False
-        if interrupted:
-            print(f"sd3fit bench: interrupted during {name}; rows so far are in {out / results.RESULTS} "
-                  "(run again with --resume to go on)", file=sys.stderr)
-            return 130
+        if code is None:
+            if not _finished(prepared.run):
+                print(f"sd3fit bench: interrupted during {name}; rows so far are in {out / results.RESULTS} "
+                      "(run again with --resume to go on)", file=sys.stderr)
+                return 130
+            code = 0  # stopped while the trainer was exiting, after it wrote its result: the run is whole
         options = prepared.record["simpletuner"]
         key = json.dumps({k: options.get(k) for k in ("model_type", "lora_type", "lora_rank", "peft_lora_target_modules",
                                                       "tokenizer_max_length", "train_batch_size")}, sort_keys=True)

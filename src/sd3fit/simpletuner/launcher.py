@@ -196,7 +196,7 @@ def _speed(own: dict, trainer=None) -> dict:
                                    "compiled_buckets": release.step_many is not None}
         stream = release.stream
         if stream is not None:
-            out["gradient_release"]["streamed_state_gib"] = round(stream.cpu_bytes / 2**30, 3)
+            out["gradient_release"]["streamed_state_bytes"] = stream.cpu_bytes  # held in CPU memory
     return out
 
 
