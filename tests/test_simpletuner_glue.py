@@ -233,3 +233,39 @@ def test_interrupt_signal_before_training_or_twice_stops_at_once():
     with pytest.raises(KeyboardInterrupt):
         stop.handle(2, None)
     assert stop.signum == 15
+
+
+def test_with_ramtorch_the_models_zero_grad_ends_the_step():
+    """Upstream zeroes the trained model's gradients instead of the optimizer's when RamTorch is on (text encoders
+    included): the step must end there, not run on through checkpoints and validation."""
+    from types import SimpleNamespace
+
+    class Recorder:
+        def __init__(self):
+            self.open, self.ended = None, 0
+
+        def begin(self, name):
+            self.open = name
+
+        def is_open(self, name):
+            return self.open == name
+
+        def step_end(self):
+            self.open, self.ended = None, self.ended + 1
+
+    recorder = Recorder()
+    component = torch.nn.Linear(2, 2)
+    trainer = step_measure.MeasuredTrainer()
+    trainer.sd3fit_measurement = SimpleNamespace(recorder=recorder)
+    trainer.accelerator = SimpleNamespace(backward=lambda loss: None)
+    trainer.optimizer = torch.optim.SGD(component.parameters(), lr=0.1)
+    trainer.model = SimpleNamespace(get_trained_component=lambda unwrap_model=True: component)
+    trainer._wrap_step_seams()
+    for zero in (trainer.optimizer.zero_grad, component.zero_grad):  # without RamTorch, then with it
+        trainer.accelerator.backward(None)
+        assert recorder.is_open("optimizer")
+        zero(set_to_none=True)
+        assert recorder.open is None
+    assert recorder.ended == 2
+    component.zero_grad()  # zeroing outside a step (no backward before it) ends nothing
+    assert recorder.ended == 2

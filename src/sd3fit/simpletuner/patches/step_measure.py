@@ -13,12 +13,16 @@ the trip. Its profiler (`_create_torch_profiler`) is configured by environment v
   `train_step`; bookkeeping and validation fall outside the step;
 - `_create_torch_profiler` returns the profiler built from the preset's `enable_profiler`/`profiler_*` keys (upstream's
   environment switch still works when the preset leaves the profiler off);
-- `train` installs the accelerator and optimizer wrappers once those objects exist.
+- `train` installs the accelerator and optimizer wrappers once those objects exist. With RamTorch on (also for the
+  text encoders only), upstream zeroes the trained model's gradients (`trained_component.zero_grad`) instead of
+  calling the optimizer's `zero_grad`: that call ends the step too, or the step would run on through logging,
+  checkpoints and validation until the next one began.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 
 from sd3fit.simpletuner import compat
 
@@ -32,6 +36,9 @@ def check(trainer_cls) -> None:
     missing = [name for name in _UPSTREAM_METHODS if not callable(getattr(trainer_cls, name, None))]
     if missing:
         raise RuntimeError(f"{__name__}: SimpleTuner's Trainer lacks {', '.join(missing)}; this patch needs updating")
+    if "trained_component.zero_grad(" not in inspect.getsource(trainer_cls.train):
+        raise RuntimeError(f"{__name__}: SimpleTuner's training loop no longer zeroes the trained model's gradients "
+                           "with RamTorch on, where this patch ends the step; it needs updating")
 
 
 def _after(method, callback):
@@ -102,7 +109,11 @@ class MeasuredTrainer:
 
         self.accelerator.backward = measured_backward
         # zero_grad ends the step only after a backward pass; upstream also zeroes before some regularisation passes
-        self.optimizer.zero_grad = _after(self.optimizer.zero_grad, lambda: recorder.is_open("optimizer") and recorder.step_end())
+        ends_step = lambda: recorder.is_open("optimizer") and recorder.step_end()  # noqa: E731
+        self.optimizer.zero_grad = _after(self.optimizer.zero_grad, ends_step)
+        component = self.model.get_trained_component(unwrap_model=False)  # what upstream zeroes with RamTorch on
+        if component is not None:
+            component.zero_grad = _after(component.zero_grad, ends_step)
         self.accelerator._sd3fit_step_seams = True
 
     def train(self):
