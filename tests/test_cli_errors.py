@@ -16,9 +16,9 @@ def workspace(tmp_path, image_folder):
     return {"runs": runs, "images": image_folder, "tmp": tmp_path}
 
 
-def bad(ws, *args):
+def bad(ws, *args, env=None):
     before = tree_snapshot(ws["tmp"])
-    line = one_line_error(run_sd3fit("train", *args, "--runs-dir", str(ws["runs"])))
+    line = one_line_error(run_sd3fit("train", *args, "--runs-dir", str(ws["runs"]), env=env))
     assert tree_snapshot(ws["tmp"]) == before
     assert sorted(p.name for p in ws["runs"].iterdir()) == ["earlier"]
     return line
@@ -45,6 +45,15 @@ def test_impossible_combination(workspace):
 def test_gradient_release_on_several_processes(workspace):
     line = bad(workspace, "model_type=full", "optimizer_release_gradients=true", "--num-processes", "2")
     assert "optimizer_release_gradients" in line and "--num-processes 1" in line
+
+
+def test_more_processes_than_gpus(workspace, tmp_path_factory, monkeypatch):
+    from test_fit import fake_nvidia_smi
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    two_gpus = fake_nvidia_smi(tmp_path_factory.mktemp("smi"), "NVIDIA L4, 23034", "NVIDIA L4, 23034")
+    line = bad(workspace, "--num-processes", "3", env=two_gpus)
+    assert "--num-processes 3" in line and "finds 2 visible GPUs" in line and "--num-processes 2 or fewer" in line
 
 
 def test_missing_dataset_folder(workspace):

@@ -149,6 +149,12 @@ def cmd_train(args) -> int:
 
 
 def _check_processes(prepared, num_processes: int) -> None:
+    from sd3fit import host
+
+    gpus = host.gpu_count() if num_processes > 1 else None
+    if gpus and num_processes > gpus:  # no GPU at all: processes on the CPU (gloo), as many as asked
+        raise UserError(f"--num-processes {num_processes} asks for one process per GPU, and nvidia-smi finds {gpus} "
+                        f"visible GPU{'s' if gpus > 1 else ''}; use --num-processes {gpus} or fewer")
     if num_processes > 1 and prepared.preset.values.get("optimizer_release_gradients"):
         # each process would step its own gradient before the processes have averaged them
         raise UserError("optimizer_release_gradients steps each parameter before the processes have averaged its "

@@ -52,6 +52,12 @@ def _visible() -> list[str]:
     return ["-i", visible] if visible and all(part.strip().isdigit() for part in visible.split(",")) else []
 
 
+def gpu_count() -> int | None:
+    """How many GPUs are visible (nvidia-smi, honouring CUDA_VISIBLE_DEVICES given by number); None without nvidia-smi."""
+    found = nvidia_smi("name", _visible())
+    return None if found is None else len(found)
+
+
 def gpu() -> tuple[str, float] | None:
     """Name and total memory (GiB) of the visible GPU with the most memory, from nvidia-smi. The largest:
     nvidia-smi's numbering may differ from CUDA's, and a refusal must never be wrong."""

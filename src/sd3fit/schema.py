@@ -130,6 +130,9 @@ SD3FIT_PRECISIONS: dict[str, tuple[tuple[int, int], str]] = {
     "int8-sd3fit": ((8, 0), "int8 tensor cores"),
 }
 
+# optimizer prefixes SimpleTuner's FSDP2 path replaces by another optimizer (optimizer_param.FSDP2_INCOMPATIBLE_PREFIXES)
+FSDP2_UNSHARDABLE = ("optimi-", "bnb-")
+
 # SimpleTuner options that sd3fit sets for every run, with the reason a preset may not.
 OWNED_KEYS: dict[str, str] = {
     "output_dir": "each run writes to runs/<name>/output; choose the name with --name",
@@ -228,6 +231,12 @@ def _rules(cfg: dict[str, Any]) -> None:
     if get("stream_optimizer_state") and not get("optimizer_release_gradients"):
         raise UserError("option stream_optimizer_state brings each block's state to the GPU as its gradients are "
                         "released; set optimizer_release_gradients=true")
+    optimizer = str(get("optimizer") or "")
+    if get("fsdp_enable") and (get("fsdp_version") or 2) == 2 and (optimizer.startswith(FSDP2_UNSHARDABLE)
+                                                                   or optimizer == "soap"):
+        raise UserError(f"option optimizer={optimizer} cannot step FSDP2's sharded parameters (SimpleTuner 4.10.1 "
+                        "would silently train with adamw_schedulefree instead); choose an optimizer without the "
+                        "optimi- or bnb- prefix (e.g. adamw_bf16) or set fsdp_enable=false")
     if get("optimizer_release_gradients") and get("fsdp_enable"):
         raise UserError("option optimizer_release_gradients steps whole parameters in the backward pass and cannot step "
                         "FSDP's shards; turn one of optimizer_release_gradients and fsdp_enable off")

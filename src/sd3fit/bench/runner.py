@@ -26,6 +26,7 @@ from sd3fit.bench import flops, results, rows
 from sd3fit.bench import speed as speeds
 from sd3fit.errors import UserError
 from sd3fit.runs import require_free_folder, shown
+from sd3fit.speedrows import label, round_of
 
 DATASET_IMAGES = 16
 DATASET_SIZE = 1024
@@ -126,7 +127,7 @@ def _check_resume(out: Path, settings: Settings) -> set[tuple[str, str, str, int
             raise UserError(f"{out} holds a benchmark with {key}={saved.get(key)!r}, not {asdict(settings)[key]!r}; "
                             "use the same settings with --resume, or a new --out")
     done = results.read(out) if (out / results.RESULTS).is_file() else []
-    return {(r["preset"], r["budget"], speeds.label(r), speeds.round_of(r)) for r in done}
+    return {(r["preset"], r["budget"], label(r), round_of(r)) for r in done}
 
 
 def _free_name(root: Path, name: str) -> str:
@@ -268,7 +269,7 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
 
 
 def summary_line(row: dict) -> str:
-    said = f"{row['status']} ({speeds.label(row)})"
+    said = f"{row['status']} ({label(row)})"
     if row["status"] != "finished":
         return f"{said}: {row.get('error')}"
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731

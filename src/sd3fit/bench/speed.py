@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from sd3fit.errors import UserError
 from sd3fit.schema import SPEED_KEYS, speed_patches
-from sd3fit.speedrows import SD3FIT, STOCK, WITHOUT, label, round_of  # noqa: F401  (label, round_of: the runner reads rows with them)
+from sd3fit.speedrows import SD3FIT, STOCK, WITHOUT
 
 MODES = (SD3FIT, STOCK, "both", "each")
 
