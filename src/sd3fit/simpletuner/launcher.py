@@ -257,6 +257,7 @@ def train(run: Run) -> dict:
         step = int(trainer.state.get("global_step", 0))
         target = int(options.get("max_train_steps") or 0)
         result["global_step"] = step
+        result["processes"] = int(getattr(trainer.accelerator, "num_processes", 1))  # that trained together
         if target and step < target:
             # SimpleTuner returns quietly when, e.g., no dataloader could be built; that is not a finished run
             result["error"] = f"training stopped at step {step} of {target}; see train.log"
