@@ -44,6 +44,31 @@ def train(model, opt, batches, streamed, by_bucket):
     return stream
 
 
+def test_each_step_works_on_copies_that_are_written_back():
+    """The step never sees the CPU buffers themselves (on a GPU it could not use them; on a CPU a step writing into
+    them would hide a missing copy back)."""
+    model = net()
+    opt = make("torch-adamw", model)
+    stream = StateStream(opt)
+    seen = []
+    original = opt.step
+
+    def step(*args, **kwargs):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                homes = stream._homes.get(id(p), {})
+                seen.extend(opt.state[p][key].data_ptr() != home.buffers["data"].data_ptr()
+                            for key, home in homes.items())
+        return original(*args, **kwargs)
+
+    opt.step = step
+    release = GradientRelease(opt, model.parameters(), stream=stream)
+    for x in data(3):
+        model(x).float().pow(2).mean().backward()
+        release.flush()
+    assert seen and all(seen)
+
+
 def state_on(opt, device_type):
     return all(t.device.type == device_type for s in opt.state.values() for t in s.values()
                if isinstance(t, torch.Tensor) and t.dim() > 0)
@@ -76,6 +101,10 @@ def test_a_checkpoint_of_streamed_state_loads_into_cpu_memory_and_trains_on_iden
     stream = train(first, first_opt, batches[:3], streamed=True, by_bucket=True)
     stream.settle()
     saved = first_opt.state_dict()
+    # ids as another optimizer could have numbered them: the state is paired with parameters by position
+    saved = {"state": {index + 10: state for index, state in saved["state"].items()},
+             "param_groups": [{**group, "params": [index + 10 for index in group["params"]]}
+                              for group in saved["param_groups"]]}
     resumed = net()
     resumed.load_state_dict(first.state_dict())
     resumed_opt = make("ao-adamw8bit", resumed)

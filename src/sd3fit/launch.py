@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sd3fit import host, runs
+from sd3fit import runs
 from sd3fit.runs import shown
 
 if TYPE_CHECKING:
@@ -116,22 +116,17 @@ def launch(prepared: Prepared, num_processes: int = 1, env: dict[str, str] | Non
     Whatever the trainer leaves running in its group when it exits is killed."""
     run = prepared.run
     module = ["-m", "sd3fit.simpletuner.launcher", str(run.dir)]
-    extra = {}
     if num_processes > 1:
         # --multi_gpu: one process per device through torch's launcher; accelerate infers it only where it counts
-        # GPUs, and without it a CPU-only machine silently runs one process. There the processes train on the CPU
-        # and talk through gloo (ACCELERATE_USE_CPU: what accelerate's own `--cpu` sets, which it refuses together
-        # with --multi_gpu)
+        # GPUs, and without it a CPU-only machine silently runs one process (each process then decides CPU or GPU
+        # itself: sd3fit.simpletuner.launcher)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
                *module]
-        if not host.gpu_count():
-            extra["ACCELERATE_USE_CPU"] = "true"
     else:
         cmd = [sys.executable, *module]
     run.pid.write_text(f"{os.getpid()}\n")
     try:
-        return _launch(run, cmd, {**child_env(prepared), **extra, **(env or {})}, echo, forward_signals, console,
-                       stop_at_once)
+        return _launch(run, cmd, {**child_env(prepared), **(env or {})}, echo, forward_signals, console, stop_at_once)
     finally:
         run.pid.unlink(missing_ok=True)
 

@@ -231,9 +231,9 @@ def _rules(cfg: dict[str, Any]) -> None:
     if get("stream_optimizer_state") and not get("optimizer_release_gradients"):
         raise UserError("option stream_optimizer_state brings each block's state to the GPU as its gradients are "
                         "released; set optimizer_release_gradients=true")
-    optimizer = str(get("optimizer") or "")
-    if get("fsdp_enable") and (get("fsdp_version") or 2) == 2 and (optimizer.startswith(FSDP2_UNSHARDABLE)
-                                                                   or optimizer == "soap"):
+    optimizer = str(get("optimizer") or "").lower()
+    if get("fsdp_enable") and int(get("fsdp_version") or 2) == 2 and (optimizer.startswith(FSDP2_UNSHARDABLE)
+                                                                       or optimizer == "soap"):
         raise UserError(f"option optimizer={optimizer} cannot step FSDP2's sharded parameters (SimpleTuner 4.10.1 "
                         "would silently train with adamw_schedulefree instead); choose an optimizer without the "
                         "optimi- or bnb- prefix (e.g. adamw_bf16) or set fsdp_enable=false")

@@ -108,6 +108,17 @@ class GradientRelease:
             torch._foreach_clamp_max_(grads, self.clip_value)
         if self.stream is not None:
             self.stream.fetch(params)
+        try:
+            self._step_groups(params)
+        finally:  # also after a failed step: the CPU copy stays the live state
+            if self.stream is not None:
+                self.stream.store(params)
+        for p in params:
+            p.grad = None
+        self.steps += len(params)
+        self.bucket_steps += 1
+
+    def _step_groups(self, params: list[torch.Tensor]) -> None:
         by_group: dict[int, list[torch.Tensor]] = {}
         for p in params:
             by_group.setdefault(id(self._group_of[id(p)]), []).append(p)
@@ -124,12 +135,6 @@ class GradientRelease:
                 self.optimizer.step()
             finally:
                 self.optimizer.param_groups = groups
-        if self.stream is not None:
-            self.stream.store(params)
-        for p in params:
-            p.grad = None
-        self.steps += len(params)
-        self.bucket_steps += 1
 
     def take_absmax(self) -> torch.Tensor | None:
         value, self._absmax = self._absmax, None

@@ -11,9 +11,14 @@ but step there too, in fp32 (about a second a step for 2 B parameters on a 16-co
 for AdamW's fp32 state); torchao's 8-bit state has no CPU step. Here the step stays the optimizer's own, on the GPU
 (torchao's low-bit AdamW with stochastic rounding, torch's, optimi's), and only its state moves.
 
+Host memory: torch's pinned-memory allocator rounds each buffer up to a power of two, so the buffers take more than
+the state (about 1.6x for SD3 Medium's shapes; one arena for the whole state would not); the fit check's RAM figure
+is the peak resident memory measured with them.
+
 Tensor subclasses (torchao's 8-bit state) move as the plain tensors they are made of (`__tensor_flatten__`). The
-0-dim tensors an optimizer keeps (step counters) stay where the optimizer put them. `settle()` waits for the copies
-back before anything on the host reads the state (saving a checkpoint); `load_state_dict` puts loaded state straight
+0-dim tensors an optimizer keeps (step counters) stay where the optimizer put them. The copies are ordered with the step by running on the
+stream current where the step runs (the backward pass's, where gradient release steps); `settle()` waits for the
+copies back before anything on the host reads the state (saving a checkpoint); `load_state_dict` puts loaded state straight
 into CPU memory instead of the GPU (torch places it on each parameter's device).
 """
 
@@ -121,8 +126,8 @@ class StateStream:
         order = {saved: n for n, saved in enumerate(pid for group in state_dict["param_groups"] for pid in group["params"])}
         self._loaded, kept = {}, {}
         for index, state in state_dict["state"].items():
-            taken = {key: value for key, value in state.items() if _streamed(value)}
-            if taken:
+            taken = {key: value for key, value in state.items() if _streamed(value)} if index in order else {}
+            if taken:  # (an id no group names is left to torch, as it would be without streaming)
                 self._loaded[order[index]] = taken
             kept[index] = {key: value for key, value in state.items() if key not in taken}
         state_dict = dict(state_dict)  # the caller's dictionaries stay as they were

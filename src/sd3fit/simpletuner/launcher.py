@@ -242,6 +242,10 @@ def train(run: Run) -> dict:
         from sd3fit.measure.memory import GpuCap
 
         cap = GpuCap(torch, float(budget))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # several processes and no GPU: they train on the CPU and talk through gloo (what accelerate's `--cpu` sets;
+        # without it each process would train alone)
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     measurement = _measurement(run, config)  # before the model loads: memory history covers loading too
     if cap is not None:
         measurement.memory.outside_listener = cap.leave_room  # the cap leaves room for what a real card holds
