@@ -86,7 +86,8 @@ def test_streamed_state_trains_exactly_like_state_on_the_device(kind, by_bucket)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert state_on(streamed_opt, "cpu")
     if torch.cuda.is_available():
-        assert all(b.is_pinned() for homes in stream._homes.values() for h in homes.values() for b in h.buffers.values())
+        buffers = [b for homes in stream._homes.values() for home in homes.values() for b in home.buffers.values()]
+        assert buffers and all(b.is_pinned() for b in buffers)
     # every step moved each parameter's state over and back (none the first step, which creates it there)
     assert stream.cpu_bytes > 0 and stream.bytes_moved >= 2 * 3 * stream.cpu_bytes
 

@@ -61,7 +61,8 @@ IGNORED = frozenset({
 OWN_MEMORY_KEYS = frozenset({"offload_optimizer_state", "offload_transformer_for_decode", "recompute_budget",
                              "vae_tile_size", "stream_optimizer_state"})
 # options that hold weights in CPU RAM: such a run also needs the host memory it was measured with
-OFFLOAD_KEYS = ("offload_during_startup", "ramtorch", "ramtorch_text_encoder", "musubi_blocks_to_swap", "stream_optimizer_state")
+OFFLOAD_KEYS = ("offload_during_startup", "ramtorch", "ramtorch_text_encoder", "musubi_blocks_to_swap",
+                "stream_optimizer_state")
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ def _visible() -> list[str]:
 
 
 def gpu_count() -> int | None:
-    """How many GPUs are visible (nvidia-smi, honouring CUDA_VISIBLE_DEVICES given by number); None without nvidia-smi."""
+    """How many GPUs are visible (nvidia-smi, honouring CUDA_VISIBLE_DEVICES given by number); None without a
+    working nvidia-smi."""
     found = nvidia_smi("name", _visible())
     return None if found is None else len(found)
 

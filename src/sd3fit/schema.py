@@ -130,7 +130,8 @@ SD3FIT_PRECISIONS: dict[str, tuple[tuple[int, int], str]] = {
     "int8-sd3fit": ((8, 0), "int8 tensor cores"),
 }
 
-# optimizer prefixes SimpleTuner's FSDP2 path replaces by another optimizer (optimizer_param.FSDP2_INCOMPATIBLE_PREFIXES)
+# optimizer prefixes SimpleTuner's FSDP2 path replaces by another optimizer
+# (simpletuner.helpers.training.optimizer_param.FSDP2_INCOMPATIBLE_PREFIXES)
 FSDP2_UNSHARDABLE = ("optimi-", "bnb-")
 
 # SimpleTuner options that sd3fit sets for every run, with the reason a preset may not.

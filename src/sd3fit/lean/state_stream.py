@@ -16,10 +16,11 @@ the state (about 1.6x for SD3 Medium's shapes; one arena for the whole state wou
 is the peak resident memory measured with them.
 
 Tensor subclasses (torchao's 8-bit state) move as the plain tensors they are made of (`__tensor_flatten__`). The
-0-dim tensors an optimizer keeps (step counters) stay where the optimizer put them. The copies are ordered with the step by running on the
-stream current where the step runs (the backward pass's, where gradient release steps); `settle()` waits for the
-copies back before anything on the host reads the state (saving a checkpoint); `load_state_dict` puts loaded state straight
-into CPU memory instead of the GPU (torch places it on each parameter's device).
+0-dim tensors an optimizer keeps (step counters) stay where the optimizer put them. The copies are ordered with the
+step by running on the stream current where the step runs (the backward pass's, where gradient release steps);
+`settle()` waits for the copies back before anything on the host reads the state (saving a checkpoint);
+`load_state_dict` puts loaded state straight into CPU memory instead of the GPU (torch places it on each parameter's
+device).
 """
 
 from __future__ import annotations
@@ -32,18 +33,18 @@ class _Home:
 
     def __init__(self, value: torch.Tensor, pin: bool):
         if type(value) is torch.Tensor:
-            self.kind, names, self.ctx = None, ["data"], None
-            inner = {"data": value}
+            self.kind, self.names, self.ctx = None, ("data",), None
         else:
             names, self.ctx = value.__tensor_flatten__()
-            self.kind = type(value)
-            inner = {name: getattr(value, name) for name in names}
+            self.kind, self.names = type(value), tuple(names)
         self.size, self.stride = value.size(), value.stride()
-        self.buffers = {name: torch.empty_like(t, device="cpu", pin_memory=pin) for name, t in inner.items()}
+        self.buffers = {name: torch.empty_like(t, device="cpu", pin_memory=pin)
+                        for name, t in self._inner(value).items()}
+        self.nbytes = sum(b.numel() * b.element_size() for b in self.buffers.values())
         self.store(value)
 
     def _inner(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"data": value} if self.kind is None else {name: getattr(value, name) for name in self.buffers}
+        return {"data": value} if self.kind is None else {name: getattr(value, name) for name in self.names}
 
     def store(self, value: torch.Tensor) -> None:
         for name, t in self._inner(value).items():
@@ -90,7 +91,7 @@ class StateStream:
             state = self.optimizer.state[p]
             for key, home in homes.items():
                 state[key] = home.fetch(p.device)
-                self.bytes_moved += sum(b.numel() * b.element_size() for b in home.buffers.values())
+                self.bytes_moved += home.nbytes
 
     def store(self, params) -> None:
         for p in params:
@@ -106,7 +107,7 @@ class StateStream:
                     home = homes[key] = _Home(value, self.pin)
                 else:
                     home.store(value)
-                self.bytes_moved += sum(b.numel() * b.element_size() for b in home.buffers.values())
+                self.bytes_moved += home.nbytes
                 state[key] = home.view()
 
     def settle(self) -> None:
@@ -116,14 +117,14 @@ class StateStream:
 
     @property
     def cpu_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for homes in self._homes.values() for home in homes.values()
-                   for b in home.buffers.values())
+        return sum(home.nbytes for homes in self._homes.values() for home in homes.values())
 
     # loading a checkpoint: torch's Optimizer.load_state_dict casts every state tensor to its parameter's device,
     # which would put the whole state on the GPU at once; the tensors are taken out before and homed after
     def _before_load(self, optimizer, state_dict):
         # saved parameter ids in the order torch pairs them with the optimizer's parameters
-        order = {saved: n for n, saved in enumerate(pid for group in state_dict["param_groups"] for pid in group["params"])}
+        saved_ids = (pid for group in state_dict["param_groups"] for pid in group["params"])
+        order = {saved: n for n, saved in enumerate(saved_ids)}
         self._loaded, kept = {}, {}
         for index, state in state_dict["state"].items():
             taken = {key: value for key, value in state.items() if _streamed(value)} if index in order else {}
