@@ -69,7 +69,6 @@ class ReleasingTrainer:
     sd3fit_release = None
     sd3fit_release_by_block = False  # the `release_by_block` speed key
     sd3fit_stream_state = False  # the `stream_optimizer_state` memory key
-    sd3fit_state_stream = None
 
     def init_optimizer(self):
         if not getattr(self.config, "optimizer_release_gradients", False):
@@ -82,18 +81,18 @@ class ReleasingTrainer:
         component = self.model.get_trained_component()
         inner = _inner(self.optimizer)
         by_block = self.sd3fit_release_by_block
-        self.sd3fit_state_stream = StateStream(inner) if self.sd3fit_stream_state else None
         self.sd3fit_release = GradientRelease(
             inner, component.parameters(), clip_value=clip_value(self.config),
             accumulating=lambda: bool(getattr(self.optimizer, "optimizer_accumulation", False)),
             buckets=module_buckets(component) if by_block else None,
             step_many=ao_multistep.step_many if by_block and ao_multistep.supports(inner) else None,
-            stream=self.sd3fit_state_stream,
+            stream=StateStream(inner) if self.sd3fit_stream_state else None,
         )
 
     def mark_optimizer_eval(self):
-        if self.sd3fit_state_stream is not None:
-            self.sd3fit_state_stream.settle()  # the host reads the state next (checkpoint) or may (validation)
+        stream = self.sd3fit_release.stream if self.sd3fit_release is not None else None
+        if stream is not None:
+            stream.settle()  # the host reads the state next (checkpoint) or may (validation)
         super().mark_optimizer_eval()
 
     def _max_grad_value(self):
