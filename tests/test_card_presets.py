@@ -104,7 +104,8 @@ def test_card_preset_trains_like_its_unconstrained_counterpart(tmp_path, request
         fp32 = request.getfixturevalue("fp32_state")
         assert rms(curve, fp32) <= spread, (rms(curve, fp32), spread)
     options = json.loads(run.config.read_text())["simpletuner"]
-    assert (result["transformer"]["quantized_modules"] > 0) == (options.get("base_model_precision") == "int8-quanto")
+    quantized = options.get("base_model_precision") in ("int8-quanto", *schema.SD3FIT_PRECISIONS)
+    assert (result["transformer"]["quantized_modules"] > 0) == quantized
     assert (run.output / f"checkpoint-{STEPS // 2}").is_dir()  # a checkpoint saved inside the run
     speed = result["speed"]
     assert speed["patches"] == schema.speed_patches(data) and speed["patches"]

@@ -96,6 +96,26 @@ def test_convert_replaces_linear_layers_but_those_kept():
     assert int8.convert(model) == ["norm"]  # an Int8Linear is never converted again
 
 
+def test_convert_lets_go_of_each_bf16_weight_as_soon_as_it_is_replaced(monkeypatch):
+    """On a GPU the base is converted in place: were the replaced layers' bf16 weights kept until the end, the model
+    would hold both copies at once (on a 6 GB card that ran out of memory while loading)."""
+    blocks = nn.Sequential(*[nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128)) for _ in range(3)])
+    blocks = blocks.to(torch.bfloat16)
+    old = [layer for block in blocks for layer in block]
+    live = []  # bf16 weight elements still held by the layers replaced so far, at each conversion
+    real = Int8Linear.from_linear
+
+    def counting(linear):
+        live.append(sum(layer.weight.numel() for layer in old if not isinstance(layer, Int8Linear)
+                        and layer is not linear and not any(layer is m for m in blocks.modules())))
+        return real(linear)
+
+    monkeypatch.setattr(Int8Linear, "from_linear", staticmethod(counting))
+    assert len(int8.convert(blocks)) == 6
+    assert live == [0] * 6  # every earlier layer's weight was already freed
+    assert all(layer.weight.numel() == 0 for layer in old)  # even though this test still holds the old layers
+
+
 def test_peft_lora_trains_on_the_int8_base_and_saves_only_the_adapter():
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 

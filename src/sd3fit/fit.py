@@ -35,6 +35,7 @@ FIT_H200 = RESULTS_DIR / "2026-11-29-fit-h200"
 REFERENCES = (
     FIT_H200 / "bench-lora-8gb-6GiB" / "results.jsonl",
     FIT_H200 / "bench-lora" / "results.jsonl",
+    RESULTS_DIR / "2026-11-29-lora-h200" / "bench-lora-12gb" / "results.jsonl",  # lora-12gb with lora-24gb, one call
     FIT_H200 / "bench-full-again" / "results.jsonl",  # full-24gb and full-12gb, one call
     FIT_H200 / "bench-full" / "results.jsonl",  # full-16gb
     RESULTS_DIR / "2026-11-29-fit8-h200" / "bench-full" / "results.jsonl",  # full-8gb
@@ -190,12 +191,12 @@ def pick(kind: str, device: tuple[str, float], overrides: list[str]) -> str:
         raise UserError(f"no {kind} preset fits {name} ({total:.2f} GiB); the smallest card that works is {card_size} "
                         f"({smallest_preset} needs {smallest.need_gib:.2f} GiB)")
     fastest = min(fitting)
-    # of the presets as fast as the fastest, the one made for the largest card up to this one (a 24 GB preset on a
-    # 24 GB card, not a 16 GB one that saves memory it does not need); else the fastest
-    card_gib = {preset: host.size_gib(_card(preset), "card") for _, preset in fitting}
-    made_for = [(card_gib[preset], -step, preset) for step, preset in fitting
-                if step <= fastest[0] * SAME_SPEED and card_gib[preset] <= total + 0.01]
-    return max(made_for)[2] if made_for else fastest[1]
+    # of the presets as fast as the fastest, the one made for the largest card, counting a larger card's preset that
+    # fits as made for this one (a 24 GB preset on a 24 GB card, not a 16 GB one that saves memory it does not need;
+    # on a 16 GB card the 24 GB LoRA preset that fits, not the 12 GB one); the faster of equals
+    made_for = [(min(host.size_gib(_card(preset), "card"), total), -step, preset) for step, preset in fitting
+                if step <= fastest[0] * SAME_SPEED]
+    return max(made_for)[2]
 
 
 def _card(preset: str) -> str:

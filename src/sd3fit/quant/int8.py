@@ -156,10 +156,14 @@ def convert(model: nn.Module, keep=lambda name, module: False) -> list[str]:
     """Replace every `nn.Linear` in `model` (not those `keep(name, module)` says to leave) by its `Int8Linear`
     copy, in place; returns the names replaced."""
     replaced = []
-    for name, module in list(model.named_modules()):
+    # names, not modules: a list of the modules would keep every replaced bf16 weight alive until the end, so the
+    # model would need its bf16 and int8 weights at once (on a GPU, more than a 6 GB card holds)
+    for name in [name for name, _ in model.named_modules()]:
+        module = model.get_submodule(name)
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is nn.Linear and not keep(full, child):
                 setattr(module, child_name, Int8Linear.from_linear(child))
+                child.weight.data = child.weight.data.new_empty(0)  # freed now, even if something holds the old layer
                 replaced.append(full)
     return replaced
