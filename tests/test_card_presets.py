@@ -18,9 +18,10 @@ import math
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_all
 from sd3fit import fit, host, presets, schema
-from test_train_e2e import assert_changes_output, base, train  # noqa: F401  (base is a fixture)
+from sd3fit.runs import Run
+from test_train_e2e import assert_changes_output, base  # noqa: F401  (base is a fixture)
 
 STEPS = 50
 TINY = [  # the card presets' memory options on the tiny model: only size, data, length and learning rate change
@@ -52,23 +53,50 @@ def rms(a: list[float], b: list[float]) -> float:
     return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) / len(a))
 
 
+def preset_args(preset: str) -> list[str]:
+    """A card preset's run on the tiny model: its own memory options, the common length and learning rate."""
+    data = presets.read(presets.CONFIG_DIR / f"{preset}.json")
+    # RamTorch (text encoders streamed from CPU memory) needs CUDA; on a CPU the encoders already live in CPU memory
+    cpu_only = ["ramtorch=false"] if data.get("ramtorch") and not torch.cuda.is_available() else []
+    return [preset, *TINY, *cpu_only, f"learning_rate={LEARNING_RATE[data['model_type']]}", f"seed={SEEDS[0]}"]
+
+
 @pytest.fixture(scope="module")
-def references(tmp_path_factory, demo_assets):
+def trained(tmp_path_factory, demo_assets):
+    """Every run this module checks, trained side by side (`run_all`): each kind's unconstrained counterpart per
+    seed, full fine-tuning with fp32 state, and every card preset. (root, {name: finished process})."""
+    root = tmp_path_factory.mktemp("card-runs")
+    jobs = {f"{preset}-{seed}": [preset, *TINY, f"learning_rate={LEARNING_RATE[kind]}", f"seed={seed}"]
+            for kind, preset in REFERENCE.items() for seed in SEEDS}
+    # fp32 weights and state, at the presets' seed (the spread it is held to is the counterpart's two seeds': what a
+    # seed changes is the noise and timesteps drawn, not the optimizer)
+    jobs["fp32"] = [REFERENCE["full"], *TINY, f"learning_rate={LEARNING_RATE['full']}", f"seed={SEEDS[0]}", *FP32_STATE]
+    jobs.update({preset: preset_args(preset) for preset in card_presets("lora") + card_presets("full")})
+    done = run_all({name: [str(ROOT / "train.sh"), *args, "--name", name, "--runs-dir", str(root)]
+                    for name, args in jobs.items()})
+    return root, done
+
+
+def finished(trained, name: str) -> Run:
+    """The run `name` of the `trained` fixture, which must have ended well."""
+    root, done = trained
+    proc, run = done[name], Run(root / name)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"run folder: {run.dir}" in proc.stdout
+    return run
+
+
+@pytest.fixture(scope="module")
+def references(trained):
     """Each kind's unconstrained counterpart: its loss curve per seed."""
-    root = tmp_path_factory.mktemp("reference-runs")
-    return {kind: {seed: losses(train(root, f"{preset}-{seed}", preset, *TINY, f"learning_rate={LEARNING_RATE[kind]}",
-                                      f"seed={seed}"))
-                   for seed in SEEDS}
+    return {kind: {seed: losses(finished(trained, f"{preset}-{seed}")) for seed in SEEDS}
             for kind, preset in REFERENCE.items()}
 
 
 @pytest.fixture(scope="module")
-def fp32_state(tmp_path_factory, demo_assets):
-    """Full fine-tuning with torch's AdamW on fp32 weights, at the presets' seed: its loss curve. (The spread it is
-    held to is the counterpart's two seeds': what a seed changes is the noise and timesteps drawn, not the optimizer.)"""
-    root = tmp_path_factory.mktemp("fp32-state-run")
-    return losses(train(root, "fp32", REFERENCE["full"], *TINY, f"learning_rate={LEARNING_RATE['full']}",
-                        f"seed={SEEDS[0]}", *FP32_STATE))
+def fp32_state(trained):
+    """Full fine-tuning with torch's AdamW on fp32 weights, at the presets' seed: its loss curve."""
+    return losses(finished(trained, "fp32"))
 
 
 @pytest.mark.parametrize("preset", card_presets("lora") + card_presets("full"))
@@ -87,13 +115,11 @@ def test_every_card_a_preset_claims_is_backed_by_a_benchmark_row_under_that_card
 
 
 @pytest.mark.parametrize("preset", card_presets("lora") + card_presets("full"))
-def test_card_preset_trains_like_its_unconstrained_counterpart(tmp_path, request, preset, references, base,  # noqa: F811
+def test_card_preset_trains_like_its_unconstrained_counterpart(request, preset, trained, references, base,  # noqa: F811
                                                                demo_assets):
     data = presets.read(presets.CONFIG_DIR / f"{preset}.json")
     kind = data["model_type"]
-    # RamTorch (text encoders streamed from CPU memory) needs CUDA; on a CPU the encoders already live in CPU memory
-    cpu_only = ("ramtorch=false",) if data.get("ramtorch") and not torch.cuda.is_available() else ()
-    run = train(tmp_path, preset, preset, *TINY, *cpu_only, f"learning_rate={LEARNING_RATE[kind]}", f"seed={SEEDS[0]}")
+    run = finished(trained, preset)
     result = run.read_result()
     assert result["status"] == "finished" and result["global_step"] == STEPS and not result.get("out_of_memory")
     curve, same_seed, other_seed = losses(run), references[kind][SEEDS[0]], references[kind][SEEDS[1]]

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import run_sd3fit
+from conftest import run_sd3fit, train_all
 from sd3fit.errors import UserError
 from sd3fit.runs import Run
 from sd3fit.simpletuner import compat
@@ -123,13 +123,6 @@ def test_the_patch_refuses_a_simpletuner_without_the_function_it_wraps(monkeypat
 
 # --- real training of the tiny SD3 through SimpleTuner ---
 
-def train(root, name, *args) -> Run:
-    proc = run_sd3fit("train", "config/demo.json", "validation_disable=true", f"max_train_steps={STEPS}",
-                      f"checkpointing_steps={EVERY}", *args, "--name", name, "--runs-dir", str(root), timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return Run(root / name)
-
-
 def losses(run: Run) -> list[float]:
     rows = run.read_metrics()
     values = [row["train_loss"] for row in rows]
@@ -157,8 +150,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, demo_assets):
     root = tmp_path_factory.mktemp("fused-optimizer")
-    return {"off": train(root, "off"), "off-seed-43": train(root, "off-seed-43", "seed=43", "fused_optimizer=false"),
-            "on": train(root, "on", "fused_optimizer=true")}
+    common = ["config/demo.json", "validation_disable=true", f"max_train_steps={STEPS}", f"checkpointing_steps={EVERY}"]
+    runs = {"off": [], "off-seed-43": ["seed=43", "fused_optimizer=false"], "on": ["fused_optimizer=true"]}
+    return {name: Run(folder) for name, folder in train_all(root, {k: [*common, *v] for k, v in runs.items()}).items()}
 
 
 def test_real_runs_use_the_optimizer_the_key_asks_for(trained):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import one_line_error, run_sd3fit
+from conftest import one_line_error, run_sd3fit, train_all
 from sd3fit.infer import generate, sheet, sources
 from sd3fit.infer.generate import Column, Settings
 from test_hub import fake_hub, hub_env  # noqa: F401  (the local stand-in for the Hub)
@@ -17,22 +17,14 @@ PROMPTS = ["a red circle on a blue background", "a green square"]
 SEEDS = [3]
 
 
-def train(root, name, *overrides):
-    proc = run_sd3fit("train", *overrides, "validation_disable=true", "--name", name, "--runs-dir", str(root), timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return root / name
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, demo_assets):
     """Two different LoRA adapters and a full fine-tune, each from a real 8-step run on the demo."""
     root = tmp_path_factory.mktemp("trained")
-    return {
-        "model": demo_assets["model"],
-        "a": train(root, "lora-a"),
-        "b": train(root, "lora-b", "lora_rank=8", "lora_alpha=8", "seed=7", "learning_rate=0.003"),
-        "full": train(root, "full", "model_type=full", "learning_rate=0.0003"),
-    }
+    runs = {"lora-a": [], "lora-b": ["lora_rank=8", "lora_alpha=8", "seed=7", "learning_rate=0.003"],
+            "full": ["model_type=full", "learning_rate=0.0003"]}
+    folders = train_all(root, {name: [*args, "validation_disable=true"] for name, args in runs.items()})
+    return {"model": demo_assets["model"], "a": folders["lora-a"], "b": folders["lora-b"], "full": folders["full"]}
 
 
 def settings(trained, **changes) -> Settings:

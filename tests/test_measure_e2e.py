@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_sd3fit
+from conftest import ROOT, run_sd3fit, train_all
 from sd3fit.measure import profiler, steps, trace
 from sd3fit.runs import Run
 
@@ -27,20 +27,11 @@ TRACED_STEPS = [2, 3, 4, 5]
 RECORDED = 3
 
 
-def train(root: Path, name: str, *overrides: str) -> Run:
-    proc = run_sd3fit("train", *overrides, "--name", name, "--runs-dir", str(root), timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return Run(root / name)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_assets):
     root = tmp_path_factory.mktemp("measured")
-    return {
-        "profiled": train(root, "profiled", "enable_profiler=true"),
-        "plain": train(root, "plain", "lora_rank=8"),
-        "off": train(root, "off", "step_metrics=false"),
-    }
+    runs = {"profiled": ["enable_profiler=true"], "plain": ["lora_rank=8"], "off": ["step_metrics=false"]}
+    return {name: Run(folder) for name, folder in train_all(root, runs).items()}
 
 
 def wandb_history(run_file: Path) -> list[dict]:

@@ -8,7 +8,7 @@ import tracemalloc
 import pytest
 import torch
 
-from conftest import run_sd3fit
+from conftest import train_all
 from sd3fit.errors import UserError
 from sd3fit.runs import Run
 from sd3fit.simpletuner import compat
@@ -31,17 +31,12 @@ def losses(run: Run) -> list[float]:
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory, demo_assets):
     root = tmp_path_factory.mktemp("speed")
-    out = {}
     runs = {"stock": [], "patched": EXACT, "other_seed": ["seed=43"], "ahead": AHEAD,
             "int8": ["base_model_precision=int8-sd3fit", "compile_blocks=true"],
             # LoRA dropout (SimpleTuner's default 0.1) draws in the graph, which a budget's partitioning reorders
             "no_dropout": ["lora_dropout=0"],
             "budget": ["lora_dropout=0", "compile_blocks=true", "gradient_checkpointing=false", "recompute_budget=0.3"]}
-    for name, overrides in runs.items():
-        proc = run_sd3fit("train", *overrides, "--name", name, "--runs-dir", str(root), timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        out[name] = Run(root / name)
-    return out
+    return {name: Run(folder) for name, folder in train_all(root, runs).items()}
 
 
 def test_the_demo_trains_the_same_with_the_exact_speed_patches(demo_runs):
