@@ -143,6 +143,7 @@ def test_a_memory_saving_option_makes_another_configuration():
     assert fit.measured(values("full-12gb")) is not None and fit.measured(values("lora-8gb")) is not None
     assert fit.measured(values("full-12gb", "offload_optimizer_state=false")) is None
     assert fit.measured(values("lora-8gb", "vae_tile_size=256")) is None
+    assert fit.measured(values("lora-8gb", "ramtorch_copy_ahead_gib=0.5")) is None
     assert fit.measured(values("lora-8gb", "card=6GB", "description=mine", "step_metrics=false")) is not None
     # a speed key changes the step, not the memory: on or off, the preset is judged by its benchmark row
     assert values("lora-24gb")["fused_optimizer"] is True

@@ -83,6 +83,8 @@ def test_integers_are_accepted_for_float_options():
         ({"optimizer_release_gradients": True, "grad_clip_method": "norm", "max_grad_norm": 1.0}, "clipping by norm"),
         ({"optimizer_release_gradients": True, "fsdp_enable": True}, "cannot step FSDP's shards"),
         ({"stream_optimizer_state": True}, "set optimizer_release_gradients=true"),
+        ({"ramtorch_copy_ahead_gib": 0.5}, "set ramtorch=true and ramtorch_text_encoder=true"),
+        ({"ramtorch": True, "ramtorch_text_encoder": True, "ramtorch_copy_ahead_gib": 0}, "must be positive"),
         ({"fsdp_enable": True, "optimizer": "optimi-adamw"}, "cannot step FSDP2's sharded parameters"),
         ({"fsdp_enable": True, "fsdp_version": 2, "optimizer": "bnb-adamw8bit"}, "silently train with adamw_schedulefree"),
         ({"card": "twelve"}, "cannot read option card"),

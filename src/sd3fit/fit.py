@@ -60,7 +60,7 @@ IGNORED = frozenset({
 # sd3fit's own keys that change memory; its others (description, card, measuring, the speed keys such as
 # fused_optimizer, whose state takes the memory of the optimizer it replaces) are left out like IGNORED
 OWN_MEMORY_KEYS = frozenset({"offload_optimizer_state", "offload_transformer_for_decode", "recompute_budget",
-                             "vae_tile_size", "stream_optimizer_state"})
+                             "vae_tile_size", "stream_optimizer_state", "ramtorch_copy_ahead_gib"})
 # options that hold weights in CPU RAM: such a run also needs the host memory it was measured with
 OFFLOAD_KEYS = ("offload_during_startup", "ramtorch", "ramtorch_text_encoder", "musubi_blocks_to_swap",
                 "stream_optimizer_state")

@@ -53,6 +53,12 @@ SD3FIT_KEYS: dict[str, Key] = {
         "state to the GPU for that block's step only (about 0.2 GiB there instead of the whole state, 3.8 GiB for SD3 "
         "Medium in 8 bits); every step copies the whole state to the GPU and back.",
     ),
+    "ramtorch_copy_ahead_gib": Key(
+        "float",
+        "With ramtorch_text_encoder, the GiB of weights RamTorch may copy to the GPU before the host waits for it while "
+        "text embeddings are cached (e.g. 0.5): without a bound the copies' freed memory is reserved anew until the "
+        "card is full, although about 1.2 GiB is in use.",
+    ),
     "offload_transformer_for_decode": Key(
         "bool",
         "While a validation image is decoded by the VAE, keep the transformer in CPU memory (back right after): the "
@@ -232,6 +238,13 @@ def _rules(cfg: dict[str, Any]) -> None:
     if get("stream_optimizer_state") and not get("optimizer_release_gradients"):
         raise UserError("option stream_optimizer_state brings each block's state to the GPU as its gradients are "
                         "released; set optimizer_release_gradients=true")
+    ahead = get("ramtorch_copy_ahead_gib")
+    if ahead is not None:
+        if not (get("ramtorch") and get("ramtorch_text_encoder")):
+            raise UserError("option ramtorch_copy_ahead_gib bounds RamTorch's text-encoder copies; set ramtorch=true and "
+                            "ramtorch_text_encoder=true, or remove it")
+        if ahead <= 0:
+            raise UserError(f"option ramtorch_copy_ahead_gib must be positive (e.g. 0.5), not {ahead}")
     optimizer = str(get("optimizer") or "").lower()
     if get("fsdp_enable") and int(get("fsdp_version") or 2) == 2 and (optimizer.startswith(FSDP2_UNSHARDABLE)
                                                                        or optimizer == "soap"):

@@ -29,8 +29,9 @@ from sd3fit.schema import speed_patches
 from sd3fit.simpletuner import compat
 from sd3fit.simpletuner.patches import (compiled_blocks, cpu_pin_memory, decode_offload, fused_optimizer,
                                         gradient_release, int8_base, interrupt, lora_forward, metrics_log,
-                                        optimizer_offload, phases, prefetch, ramtorch_sync, step_measure,
-                                        tracemalloc_off, trainable_params, vae_tiles, validation_images)
+                                        optimizer_offload, phases, prefetch, ramtorch_bound, ramtorch_sync,
+                                        step_measure, tracemalloc_off, trainable_params, vae_tiles,
+                                        validation_images)
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 
@@ -60,6 +61,7 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
     compiled_blocks.apply(bool(own.get("compile_blocks")), own.get("recompute_budget"))
     tracemalloc_off.apply(bool(own.get("skip_tracemalloc")))
     prefetch.apply(bool(own.get("prefetch_batches")))
+    ramtorch_bound.apply(own.get("ramtorch_copy_ahead_gib"))
     validation_images.apply(measurement.write_images if _is_main_process() else None)
 
     class SD3FitTrainer(interrupt.InterruptibleTrainer, phases.PhasedTrainer, step_measure.MeasuredTrainer,
@@ -184,6 +186,9 @@ def _speed(own: dict, trainer=None) -> dict:
     in_model = getattr(trainer, "_sd3fit_ramtorch_in_model", None)  # asked only with ramtorch on a GPU
     if in_model is not None:
         out["ramtorch_syncs"] = in_model  # False: skip_ramtorch_syncs left out upstream's syncs
+    bound = ramtorch_bound.stats()
+    if bound is not None:
+        out["ramtorch_bound"] = bound  # how often the host waited for RamTorch's copies, per text encoder
     lora = getattr(trainer, "sd3fit_lora_forward", None)
     if lora is not None:
         out["lora_forward"] = lora  # "peft": plain_lora_forward took SimpleTuner's RamTorch wrapper off
