@@ -54,11 +54,13 @@ def test_without_recorder_rows_are_written_at_once(tmp_path):
     assert sink.close() == []
 
 
-def test_other_processes_write_nothing(tmp_path):
+def test_other_processes_write_their_own_rows_without_the_trainers_scalars(tmp_path):
     sink = MetricsSink(tmp_path / "metrics.jsonl", tmp_path / "tb", is_main=False)
-    sink.on_log(1, {"train_loss": 1.0})
+    sink.on_log(1, {"train_loss": torch.tensor(1.0)})  # a copy of the main process's: never read
     sink.close()
-    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "tb").exists()
+    found = rows(tmp_path / "metrics.jsonl")
+    assert [set(row) for row in found] == [{"step", "time"}] and found[0]["step"] == 1
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
 def test_scalar():

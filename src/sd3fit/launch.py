@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sd3fit import runs
+from sd3fit import ranks, runs
 from sd3fit.runs import shown
 
 if TYPE_CHECKING:
@@ -126,7 +126,10 @@ def launch(prepared: Prepared, num_processes: int = 1, env: dict[str, str] | Non
         cmd = [sys.executable, *module]
     run.pid.write_text(f"{os.getpid()}\n")
     try:
-        return _launch(run, cmd, {**child_env(prepared), **(env or {})}, echo, forward_signals, console, stop_at_once)
+        code = _launch(run, cmd, {**child_env(prepared), **(env or {})}, echo, forward_signals, console, stop_at_once)
+        if num_processes > 1:
+            ranks.gather(run, num_processes)  # every process has ended: its record is complete
+        return code
     finally:
         run.pid.unlink(missing_ok=True)
 

@@ -42,6 +42,12 @@ class Run:
     output = property(lambda self: self.dir / "output")
     cache = property(lambda self: self.dir / "cache")
     pid = property(lambda self: self.dir / "sd3fit.pid")  # the sd3fit process training it, while it does
+    ranks = property(lambda self: self.dir / "ranks")  # with several processes: each other one's own records
+
+    def rank_dir(self, rank: int) -> Path:
+        """Where process `rank` writes its own metrics, TensorBoard scalars and result: rank 0 in the run folder
+        (the run's files), every other in ranks/rank<N>."""
+        return self.dir if rank == 0 else self.ranks / f"rank{rank}"
 
     def trainer_pid(self) -> int | None:
         """The id of the live sd3fit process that trains this run, or None."""

@@ -18,11 +18,16 @@ from sd3fit.measure.steps import CudaClock, CudaMemory, HostClock, HostMemory, S
 
 
 class Measurement:
-    def __init__(self, settings: MeasureSettings, run_dir: Path, metrics_path: Path, samples_per_micro_step: int, is_main: bool):
+    def __init__(self, settings: MeasureSettings, run_dir: Path, metrics_path: Path, samples_per_micro_step: int, is_main: bool,
+                 own_dir: Path | None = None):
+        """`own_dir`: where this process's TensorBoard scalars and memory snapshots go (the run folder when None; the
+        other processes of a run trained by several have their own). Profiler traces go to the run's trace folder
+        from every process, one file family per rank, as TensorBoard's profiler shows workers."""
         import torch
 
         self.settings = settings
         self.run_dir = Path(run_dir)
+        own = Path(own_dir) if own_dir is not None else self.run_dir
         self.cuda = torch.cuda.is_available()
         self.device = torch.cuda.get_device_name() if self.cuda else "cpu"
         self.profiler = profiling.make_profiler(settings, self.run_dir, self.cuda)
@@ -40,11 +45,11 @@ class Measurement:
             )
         self.sink = MetricsSink(
             metrics_path,
-            self.run_dir / "tensorboard" if is_main else None,
+            own / "tensorboard",
             recorder=self.recorder if settings.step_metrics else None,
             is_main=is_main,
         )
-        self.snapshots = MemorySnapshots(self.run_dir, settings.memory_snapshot_steps, torch)
+        self.snapshots = MemorySnapshots(own, settings.memory_snapshot_steps, torch)
         self.snapshots.start()
 
     def on_log(self, step: int, values: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:

@@ -2,8 +2,9 @@
 
 The trainer's own scalars for a step (loss, learning rate, ...) arrive when it logs that step; sd3fit's timings
 for the same step may arrive a step later (see `steps`). The sink holds the trainer's scalars until both are in
-and writes one row per optimizer step: `{"step", "time", <trainer scalars>, <sd3fit scalars>}`. Rows are written
-in step order, and only by the main process.
+and writes one row per optimizer step: `{"step", "time", <trainer scalars>, <sd3fit scalars>}`, in step order.
+When several processes train together each writes its own rows to its own files; only the main process's carry the
+trainer's scalars (the others' would be copies, read at the cost of a GPU synchronisation each).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class MetricsSink:
         self.is_main = is_main
         self._held: dict[int, dict[str, Any]] = {}
         self._writer = None
-        if is_main and tensorboard_dir is not None:
+        if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             # the writer's thread writes and flushes: no file work inside the training loop. Its queue must hold
@@ -53,7 +54,7 @@ class MetricsSink:
     def on_log(self, step: int, values: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
         """Take the trainer's values for `step`; return (step, sd3fit scalars) for every row completed now."""
         held = self._held.setdefault(step, {"time": time.time()})
-        if self.is_main:  # other processes write nothing: don't read their tensors
+        if self.is_main:  # the other processes' trainer values are copies: don't read their tensors
             for key, value in values.items():
                 number = scalar(value)
                 if number is not None:
@@ -76,8 +77,6 @@ class MetricsSink:
     def _emit(self, ready: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
         for step, ours in ready:
             row = {"step": step, **self._held.pop(step, {"time": time.time()}), **ours}
-            if not self.is_main:
-                continue
             with self.jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             if self._writer is not None:

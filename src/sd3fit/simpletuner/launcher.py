@@ -36,8 +36,12 @@ from sd3fit.simpletuner.patches import (compiled_blocks, cpu_pin_memory, decode_
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return _rank() == 0
 
 
 def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interrupt | None = None):
@@ -105,7 +109,9 @@ def _measurement(run: Run, config: dict):
     settings = measure_settings.from_preset(config.get("sd3fit", {}))
     # samples one trip through the loop trains on, over all processes
     samples = int(options.get("train_batch_size") or 1) * int(os.environ.get("WORLD_SIZE", "1"))
-    return Measurement(settings, run.dir, run.metrics, samples, is_main=_is_main_process())
+    own = run.rank_dir(_rank())  # each process measures itself; rank 0 writes the run's files
+    own.mkdir(parents=True, exist_ok=True)
+    return Measurement(settings, run.dir, own / run.metrics.name, samples, is_main=_is_main_process(), own_dir=own)
 
 
 def _model_facts(trainer) -> dict[str, int]:
@@ -317,8 +323,8 @@ def train(run: Run) -> dict:
             result["out_of_memory"] = True
             result["caught_ooms"] = ooms
             result.setdefault("oom_phase", _first_oom_phase(result.get("measure", {})) or _where(measurement, trainer))
-        if _is_main_process():
-            run.result.write_text(json.dumps(result, indent=2) + "\n")
+        # rank 0 writes the run's result.json; every other process its own (sd3fit.ranks gathers them)
+        (run.rank_dir(_rank()) / run.result.name).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
