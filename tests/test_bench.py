@@ -150,6 +150,17 @@ def test_row_statistics_cover_the_steps_after_warm_up(tmp_path):
     assert (row["lora_rank"], row["base_model_precision"], row["quantized_modules"]) == (8, "int8-quanto", 5)
 
 
+def test_a_row_of_several_processes_counts_all_their_images_and_the_largest_peak_of_any(tmp_path):
+    memory = lambda reserved: {"peak_reserved_gib": reserved, "outside_allocator_gib": 0.5}  # noqa: E731
+    ranks = [{"rank": 0, "memory": memory(7.0)}, {"rank": 1, "memory": memory(7.5)}]
+    run = _run_folder(tmp_path, {**FINISHED, "processes": 2, "ranks": ranks})
+    row = rows.from_run(run, 0, warmup_steps=2, flops_per_image=None, peak=None)
+    assert row["processes"] == 2 and row["images_per_s"] == pytest.approx(2 / np.median([1.1, 0.9, 1.2, 1.0]))
+    assert row["largest_rank_device_gib"] == pytest.approx(8.0)
+    one = rows.from_run(_run_folder(tmp_path / "one", FINISHED), 0, warmup_steps=2, flops_per_image=None, peak=None)
+    assert one["processes"] == 1 and one["largest_rank_device_gib"] is None
+
+
 def test_an_out_of_memory_error_the_trainer_caught_still_makes_the_run_out_of_memory(tmp_path):
     log = ("[RANK 0] 2026-11-28 02:28:22,823 [ERROR] Error generating validation image: CUDA out of memory. Tried to "
            "allocate 512.00 MiB. GPU 0 has a total capacity of 139.80 GiB\n")
@@ -313,6 +324,10 @@ def test_bench_bad_input(tmp_path, demo_assets):
     assert "same preset twice" in one_line_error(run_sd3fit("bench", "--presets", "demo", "demo", "--out", str(out)))
     assert "same budget twice" in one_line_error(
         run_sd3fit("bench", "--presets", "demo", "--gpu-budget", "24GB", "24000MB", "--out", str(out)))
+    assert "--num-processes must be 1 or more" in one_line_error(
+        run_sd3fit("bench", "--presets", "demo", "--num-processes", "0", "--out", str(out)))
+    assert "before the processes have averaged" in one_line_error(
+        run_sd3fit("bench", "--presets", "full-24gb", "--num-processes", "2", "--out", str(out)))
     assert not out.exists()
     out.mkdir()
     (out / "keep.txt").write_text("earlier results")

@@ -1,6 +1,8 @@
 """`./train.sh PRESET --num-processes 2`: two processes train together (on a machine without GPUs, on the CPU through
 gloo), the run's files are written once, and each process's own measurements are kept and listed in result.json."""
 
+from pathlib import Path
+
 import pytest
 
 from sd3fit import host
@@ -32,3 +34,20 @@ def test_two_processes_train_the_demo_together(tmp_path, base):  # noqa: F811
         assert_changes_output(pipe, base_images)
     finally:
         pipe.delete_adapters("two")
+
+
+@pytest.mark.skipif(host.gpu_count() == 1, reason="one visible GPU: two processes would need two")
+def test_bench_runs_a_preset_on_two_processes(tmp_path, demo_assets):
+    from conftest import run_sd3fit
+    from sd3fit.bench import results
+
+    out = tmp_path / "bench"
+    proc = run_sd3fit("bench", "--presets", "demo", "--num-processes", "2", "--steps", "2", "--warmup-steps", "1",
+                      "--resolution", "128", "--no-validation", "--model", str(demo_assets["model"]), "--out", str(out),
+                      timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [row] = results.read(out)
+    assert row["status"] == "finished" and row["processes"] == 2 and "2 processes" in proc.stdout
+    assert row["images_per_s"] == pytest.approx(2 / row["step_s_median"])  # both processes' images
+    run = Run(Path(row["run"]) if Path(row["run"]).is_absolute() else Path.cwd() / row["run"])
+    assert [entry["rank"] for entry in run.read_result()["ranks"]] == [0, 1]

@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1,
                    help="run the whole list this many times in turn (A B A B ...): the report gives the median over "
                         "rounds and each preset's step over the first's, round by round (default 1)")
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="processes (GPUs) each run trains with under `accelerate launch` (default 1); rows give "
+                        "images/s over all of them and the largest peak of any one")
     p.add_argument("--no-validation", action="store_true", help="skip the one validation at the last step")
     p.add_argument("--keep-weights", action="store_true", help="keep each run's trained adapter or model (deleted by default)")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (TFLOP/s) for MFU, if sd3fit does not know it")
@@ -124,7 +127,7 @@ def _split_config(args) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from sd3fit import train
+    from sd3fit import launch, train
     from sd3fit.runs import shown
 
     started = time.time()
@@ -138,7 +141,7 @@ def cmd_train(args) -> int:
         print(f"sd3fit: {why}", flush=True)
     prepared = train.prepare(chosen, overrides, name=args.name, runs_dir=args.runs_dir,
                              check_fit=not args.skip_fit_check, gpu=args.gpu)
-    _check_processes(prepared, args.num_processes)
+    launch.check_processes(prepared.preset.values, args.num_processes)
     if args.dry_run:
         print(json.dumps(prepared.record, indent=2))
         print(f"dry run: preset, model and dataset are fine; a run would go to {shown(prepared.run.dir)}")
@@ -148,21 +151,8 @@ def cmd_train(args) -> int:
     return _launch(prepared, args, started)
 
 
-def _check_processes(prepared, num_processes: int) -> None:
-    from sd3fit import host
-
-    gpus = host.gpu_count() if num_processes > 1 else None
-    if gpus and num_processes > gpus:  # no GPU at all: processes on the CPU (gloo), as many as asked
-        raise UserError(f"--num-processes {num_processes} asks for one process per GPU, and nvidia-smi finds {gpus} "
-                        f"visible GPU{'s' if gpus > 1 else ''}; use --num-processes {gpus} or fewer")
-    if num_processes > 1 and prepared.preset.values.get("optimizer_release_gradients"):
-        # each process would step its own gradient before the processes have averaged them
-        raise UserError("optimizer_release_gradients steps each parameter before the processes have averaged its "
-                        "gradient; train with --num-processes 1 or set optimizer_release_gradients=false")
-
-
 def _resume(args, config: str | None, overrides: list[str], started: float) -> int:
-    from sd3fit import resume
+    from sd3fit import launch, resume
     from sd3fit.runs import shown
 
     given = [flag for flag, value in (("a preset", config), ("--name", args.name), ("--gpu", args.gpu),
@@ -170,7 +160,7 @@ def _resume(args, config: str | None, overrides: list[str], started: float) -> i
     if given:
         raise UserError(f"--resume continues a run with its own config and folder; drop {', '.join(given)}")
     prepared, checkpoint = resume.prepare(args.resume, overrides)
-    _check_processes(prepared, args.num_processes)
+    launch.check_processes(prepared.preset.values, args.num_processes)
     steps = prepared.record["simpletuner"].get("max_train_steps")
     if args.dry_run:
         print(f"dry run: {shown(prepared.run.dir)} would resume from {checkpoint.path.name} (step {checkpoint.step} "
@@ -266,7 +256,7 @@ def cmd_bench(args) -> int:
         presets=args.presets or runner.default_presets(), budgets=args.gpu_budget, steps=args.steps,
         warmup_steps=args.warmup_steps, resolution=args.resolution, model=args.model,
         validation=not args.no_validation, keep_weights=args.keep_weights, peak_tflops=args.peak_tflops,
-        speed=args.speed, rounds=args.rounds,
+        speed=args.speed, rounds=args.rounds, num_processes=args.num_processes,
     )
     out = Path(args.out or time.strftime("benchmarks/bench-%Y%m%d-%H%M%S"))
     command = "sd3fit " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "sd3fit bench"

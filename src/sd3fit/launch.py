@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sd3fit import ranks, runs
+from sd3fit import host, ranks, runs
+from sd3fit.errors import UserError
 from sd3fit.runs import shown
 
 if TYPE_CHECKING:
@@ -100,6 +101,21 @@ class _Forwarder:
         else:
             self.say("sd3fit: stopping at once")
             _end_group(self.proc)
+
+
+def check_processes(values: dict, num_processes: int) -> None:
+    """Refuse, before anything loads, more processes than GPUs, and several processes for a preset that cannot
+    train in several."""
+    gpus = host.gpu_count() if num_processes > 1 else None
+    if num_processes < 1:
+        raise UserError(f"--num-processes must be 1 or more, not {num_processes}")
+    if gpus and num_processes > gpus:  # no GPU at all: processes on the CPU (gloo), as many as asked
+        raise UserError(f"--num-processes {num_processes} asks for one process per GPU, and nvidia-smi finds {gpus} "
+                        f"visible GPU{'s' if gpus > 1 else ''}; use --num-processes {gpus} or fewer")
+    if num_processes > 1 and values.get("optimizer_release_gradients"):
+        # each process would step its own gradient before the processes have averaged them
+        raise UserError("optimizer_release_gradients steps each parameter before the processes have averaged its "
+                        "gradient; train with --num-processes 1 or set optimizer_release_gradients=false")
 
 
 def launch(prepared: Prepared, num_processes: int = 1, env: dict[str, str] | None = None, echo: bool = True,

@@ -17,11 +17,11 @@ from sd3fit.runs import Run, largest, values  # not from sd3fit.report: bench ne
 
 FIELDS = (
     "preset", "budget", "budget_gib", "speed", "speed_patches", "round", "status", "error", "model_type", "lora_rank", "base_model_precision",
-    "resolution", "batch_size", "warmup_steps", "measured_steps", "global_step",
+    "resolution", "batch_size", "processes", "warmup_steps", "measured_steps", "global_step",
     "step_s_median", "step_s_p10", "step_s_p90", "interval_s_median", "images_per_s",
     "model_tflop_per_image", "peak_tflops", "mfu",
     "step_peak_allocated_gib", "step_peak_reserved_gib", "run_peak_allocated_gib", "run_peak_reserved_gib",
-    "outside_allocator_gib", "run_peak_device_gib", "allocator_cap_gib", "gpu_in_use_before_gib", "run_peak_rss_gib", "peak_phase", "phase_reserved_gib", "card", "alloc_retries", "parameters", "trainable_parameters", "quantized_modules", "wall_s",
+    "outside_allocator_gib", "run_peak_device_gib", "largest_rank_device_gib", "allocator_cap_gib", "gpu_in_use_before_gib", "run_peak_rss_gib", "peak_phase", "phase_reserved_gib", "card", "alloc_retries", "parameters", "trainable_parameters", "quantized_modules", "wall_s",
     "model", "model_label", "run",
     "gpu", "gpu_memory_gib", "driver", "cuda", "cpu", "python", "sd3fit", "simpletuner", "torch", "diffusers",
     "transformers", "peft", "accelerate", "optimum_quanto", "torchao", "bitsandbytes", "torch_optimi", "ram_gib",
@@ -66,6 +66,15 @@ def _phase_peaks(phases: dict) -> str | None:
     return " ".join(shown) or None
 
 
+def _largest_rank(ranks: list[dict] | None) -> float | None:
+    """Of a run trained by several processes, the largest whole-run device peak (reserved + outside the allocator)
+    of any one of them; None for one process."""
+    peaks = [r["memory"]["peak_reserved_gib"] + r["memory"]["outside_allocator_gib"] for r in ranks or []
+             if r.get("memory", {}).get("peak_reserved_gib") is not None
+             and r["memory"].get("outside_allocator_gib") is not None]
+    return max(peaks) if peaks else None
+
+
 def from_run(run: Run, exit_code: int, warmup_steps: int, flops_per_image: float | None, peak: float | None) -> dict:
     result = run.read_result()
     config = run.read_config()
@@ -76,9 +85,10 @@ def from_run(run: Run, exit_code: int, warmup_steps: int, flops_per_image: float
     measured = [r for r in metrics if r["step"] > warmup_steps]
     times = values(measured, "time/step_s")
     batch = int(options.get("train_batch_size") or 1)
+    processes = int(result.get("processes") or 1)  # that trained together, each on its own batch
     median = float(np.median(times)) if times else None
     intervals = [b["time"] - a["time"] for a, b in zip(metrics, metrics[1:]) if b["step"] > warmup_steps]
-    images_per_s = batch / median if median else None
+    images_per_s = batch * processes / median if median else None
     memory = (result.get("measure") or {}).get("memory") or {}
     facts = result.get("transformer") or {}
     return {
@@ -89,6 +99,7 @@ def from_run(run: Run, exit_code: int, warmup_steps: int, flops_per_image: float
         "base_model_precision": options.get("base_model_precision"),
         "resolution": options.get("resolution"),
         "batch_size": batch,
+        "processes": processes,
         "warmup_steps": warmup_steps,
         "measured_steps": len(times),
         "global_step": result.get("global_step"),
@@ -107,6 +118,7 @@ def from_run(run: Run, exit_code: int, warmup_steps: int, flops_per_image: float
         "outside_allocator_gib": memory.get("outside_allocator_gib"),
         "run_peak_device_gib": (memory["peak_reserved_gib"] + memory["outside_allocator_gib"])
         if memory.get("peak_reserved_gib") is not None and memory.get("outside_allocator_gib") is not None else None,
+        "largest_rank_device_gib": _largest_rank(result.get("ranks")),
         # what the allocator was held to at the end: the budget less the memory outside it (rows before: the budget)
         "allocator_cap_gib": (result.get("gpu_budget") or {}).get("allocator_cap_gib"),
         "run_peak_rss_gib": memory.get("peak_rss_gib"),

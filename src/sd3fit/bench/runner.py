@@ -46,6 +46,7 @@ class Settings:
     peak_tflops: float | None = None
     speed: str = speeds.SD3FIT  # a mode of sd3fit.bench.speed; not checked on --resume: a later call may add variants
     rounds: int = 1  # passes over the whole list (A B A B ...); not checked on --resume: a later call may add rounds
+    num_processes: int = 1  # processes (GPUs) per run under `accelerate launch`; rows say how many
 
 
 def default_presets() -> list[str]:
@@ -122,8 +123,8 @@ def _check_resume(out: Path, settings: Settings) -> set[tuple[str, str, str, int
         require_free_folder(out, "--out (or add --resume to continue a benchmark there)")
         return set()
     saved = json.loads(saved_path.read_text())
-    for key in ("steps", "warmup_steps", "resolution", "model", "validation"):
-        if saved.get(key) != asdict(settings)[key]:
+    for key in ("steps", "warmup_steps", "resolution", "model", "validation", "num_processes"):
+        if saved.get(key, Settings.num_processes if key == "num_processes" else None) != asdict(settings)[key]:
             raise UserError(f"{out} holds a benchmark with {key}={saved.get(key)!r}, not {asdict(settings)[key]!r}; "
                             "use the same settings with --resume, or a new --out")
     done = results.read(out) if (out / results.RESULTS).is_file() else []
@@ -158,6 +159,8 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
     if settings.resolution % 64 or not 128 <= settings.resolution <= 2048:
         raise UserError(f"--resolution {settings.resolution} must be a multiple of 64 from 128 to 2048 (SD3 Medium: 512 or 1024)")
     loaded = {name: presets.load(name) for name in settings.presets}  # every preset checked before the first run
+    for preset in loaded.values():
+        launch.check_processes(preset.values, settings.num_processes)
     done = _check_resume(out, settings) if resume else (require_free_folder(out, "--out") or set())
 
     facts = _in_child("from sd3fit import host; print(json.dumps(host.describe()))")
@@ -232,7 +235,7 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
         training[0] = True
         code = None
         try:
-            code = launch.launch(prepared, env=env, echo=False, stop_at_once=True)
+            code = launch.launch(prepared, num_processes=settings.num_processes, env=env, echo=False, stop_at_once=True)
         except KeyboardInterrupt:
             interrupted.append("interrupt")
         finally:
@@ -269,11 +272,14 @@ def run(settings: Settings, out: Path, resume: bool, command: str) -> int:
 
 
 def summary_line(row: dict) -> str:
-    said = f"{row['status']} ({label(row)})"
+    processes = row.get("processes") or 1
+    said = f"{row['status']} ({label(row)}" + (f", {processes} processes" if processes > 1 else "") + ")"
     if row["status"] != "finished":
         return f"{said}: {row.get('error')}"
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     return (f"{said}: median step {fmt(row['step_s_median'], '.3f')} s (p10 {fmt(row['step_s_p10'], '.3f')}, "
             f"p90 {fmt(row['step_s_p90'], '.3f')}), {fmt(row['images_per_s'], '.2f')} images/s, "
             f"peak in steps {fmt(row['step_peak_allocated_gib'], '.2f')} GiB allocated, whole run "
-            f"{fmt(row['run_peak_reserved_gib'], '.2f')} GiB reserved ({row['wall_s']:.0f} s)")
+            f"{fmt(row['run_peak_reserved_gib'], '.2f')} GiB reserved"
+            + (f", largest of any process {fmt(row.get('largest_rank_device_gib'), '.2f')} GiB on the device"
+               if processes > 1 else "") + f" ({row['wall_s']:.0f} s)")
