@@ -49,5 +49,5 @@ def test_bench_runs_a_preset_on_two_processes(tmp_path, demo_assets):
     [row] = results.read(out)
     assert row["status"] == "finished" and row["processes"] == 2 and "2 processes" in proc.stdout
     assert row["images_per_s"] == pytest.approx(2 / row["step_s_median"])  # both processes' images
-    run = Run(Path(row["run"]) if Path(row["run"]).is_absolute() else Path.cwd() / row["run"])
+    run = Run(out / "runs" / Path(row["run"]).name)
     assert [entry["rank"] for entry in run.read_result()["ranks"]] == [0, 1]

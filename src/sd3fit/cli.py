@@ -132,8 +132,6 @@ def cmd_train(args) -> int:
 
     started = time.time()
     config, overrides = _split_config(args)
-    if args.num_processes < 1:
-        raise UserError(f"--num-processes must be 1 or more, not {args.num_processes}")
     if args.resume:
         return _resume(args, config, overrides, started)
     chosen, why = train.choose(config, overrides, args.gpu)

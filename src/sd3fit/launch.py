@@ -106,9 +106,9 @@ class _Forwarder:
 def check_processes(values: dict, num_processes: int) -> None:
     """Refuse, before anything loads, more processes than GPUs, and several processes for a preset that cannot
     train in several."""
-    gpus = host.gpu_count() if num_processes > 1 else None
     if num_processes < 1:
         raise UserError(f"--num-processes must be 1 or more, not {num_processes}")
+    gpus = host.gpu_count() if num_processes > 1 else None
     if gpus and num_processes > gpus:  # no GPU at all: processes on the CPU (gloo), as many as asked
         raise UserError(f"--num-processes {num_processes} asks for one process per GPU, and nvidia-smi finds {gpus} "
                         f"visible GPU{'s' if gpus > 1 else ''}; use --num-processes {gpus} or fewer")

@@ -66,12 +66,17 @@ def _phase_peaks(phases: dict) -> str | None:
     return " ".join(shown) or None
 
 
+def _device_peak(memory: dict) -> float | None:
+    """A process's whole-run device peak: reserved + outside the allocator; None where either was not measured."""
+    if memory.get("peak_reserved_gib") is None or memory.get("outside_allocator_gib") is None:
+        return None
+    return memory["peak_reserved_gib"] + memory["outside_allocator_gib"]
+
+
 def _largest_rank(ranks: list[dict] | None) -> float | None:
-    """Of a run trained by several processes, the largest whole-run device peak (reserved + outside the allocator)
-    of any one of them; None for one process."""
-    peaks = [r["memory"]["peak_reserved_gib"] + r["memory"]["outside_allocator_gib"] for r in ranks or []
-             if r.get("memory", {}).get("peak_reserved_gib") is not None
-             and r["memory"].get("outside_allocator_gib") is not None]
+    """Of a run trained by several processes, the largest whole-run device peak of any one of them; None for one
+    process."""
+    peaks = [peak for r in ranks or [] if (peak := _device_peak(r.get("memory") or {})) is not None]
     return max(peaks) if peaks else None
 
 
@@ -116,8 +121,7 @@ def from_run(run: Run, exit_code: int, warmup_steps: int, flops_per_image: float
         "run_peak_allocated_gib": memory.get("peak_allocated_gib"),
         "run_peak_reserved_gib": memory.get("peak_reserved_gib"),
         "outside_allocator_gib": memory.get("outside_allocator_gib"),
-        "run_peak_device_gib": (memory["peak_reserved_gib"] + memory["outside_allocator_gib"])
-        if memory.get("peak_reserved_gib") is not None and memory.get("outside_allocator_gib") is not None else None,
+        "run_peak_device_gib": _device_peak(memory),
         "largest_rank_device_gib": _largest_rank(result.get("ranks")),
         # what the allocator was held to at the end: the budget less the memory outside it (rows before: the budget)
         "allocator_cap_gib": (result.get("gpu_budget") or {}).get("allocator_cap_gib"),
