@@ -19,8 +19,8 @@ from sd3fit.simpletuner.patches import (decode_offload, lora_forward, prefetch, 
 # arithmetic and is compared against seeds in test_fused_optimizer.py)
 EXACT = ["compile_blocks=true", "cache_trainable_params=true", "skip_tracemalloc=true", "skip_ramtorch_syncs=true",
          "plain_lora_forward=true"]
-# reading ahead draws some random numbers in the fetching thread, so they interleave differently with the step's:
-# the same training, not the same numbers
+# reading ahead, the data loaders draw their seeds from a generator of their own instead of the step's: the same
+# training, not the same numbers as without it; but the same numbers run after run
 AHEAD = ["prefetch_batches=true", "offload_transformer_for_decode=true"]
 
 
@@ -31,7 +31,7 @@ def losses(run: Run) -> list[float]:
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory, demo_assets):
     root = tmp_path_factory.mktemp("speed")
-    runs = {"stock": [], "patched": EXACT, "other_seed": ["seed=43"], "ahead": AHEAD,
+    runs = {"stock": [], "patched": EXACT, "other_seed": ["seed=43"], "ahead": AHEAD, "ahead_again": AHEAD,
             "int8": ["base_model_precision=int8-sd3fit", "compile_blocks=true"],
             # LoRA dropout (SimpleTuner's default 0.1) draws in the graph, which a budget's partitioning reorders
             "no_dropout": ["lora_dropout=0"],
@@ -64,8 +64,11 @@ def test_the_demo_trains_alike_with_batches_read_ahead(demo_runs):
     assert speed["prefetch"] == {"queue": prefetch.QUEUE, "to_device": torch.cuda.is_available()}
     base, ahead, other = (losses(demo_runs[k]) for k in ("stock", "ahead", "other_seed"))
     assert len(base) == len(ahead) == len(other) > 0
-    # the same batches; only some random draws change order (measured: 0.06 against another seed's 0.41)
+    # the same batches; the step's noise comes from a later point of the seed's sequence (measured: 0.06 against another
+    # seed's 0.41)
     assert max(abs(a - b) for a, b in zip(base, ahead)) < 0.5 * max(abs(a - b) for a, b in zip(base, other))
+    # and a seed's run repeats: the fetching thread draws nothing the step draws from
+    assert losses(demo_runs["ahead_again"]) == ahead
     assert list((demo_runs["ahead"].dir / "output" / "validation_images").glob("step_8_*.png"))  # decoded
 
 
@@ -120,6 +123,67 @@ def test_prefetch_hands_batches_over_as_soon_as_there_is_room(monkeypatch):
     upstream_steps, theirs = consume(3 * prefetch.QUEUE)
     assert steps == list(range(40)) and upstream_steps == list(range(3 * prefetch.QUEUE))
     assert ours < 0.5 < theirs
+
+
+def test_the_fetching_thread_draws_from_generators_of_its_own(monkeypatch):
+    """Upstream's sampler draws with Python's global `random` in the fetching thread while the step's thread saves and
+    restores that state around every compile, and each batch's DataLoader iterator draws a seed from torch's global
+    generator, the step's: what a step got then depended on timing. With the patch the fetching thread draws from its
+    own copy of Python's state taken when the run's first fetcher starts (continued by the next epoch's), and the
+    loaders from a generator of their own: the step's thread rewinding Python's state changes nothing, and torch's
+    global generator is left to the step. Upstream's thread repeats draws and moves torch's generator."""
+    import importlib
+    import random
+
+    from simpletuner.helpers.data_backend.runtime import batch_fetcher as upstream
+
+    sampler = importlib.import_module(prefetch.SAMPLER)
+
+    def epoch(step, datasets):  # an epoch of datasets["left"] batches, each drawn as upstream's sampler draws
+        if datasets["left"] == 0:
+            raise ValueError("no dataset left")  # as upstream's iterator once every dataset is exhausted
+        datasets["left"] -= 1
+        iter(datasets["images"])  # as upstream's iterator does for every batch
+        return sampler.random.random()
+
+    monkeypatch.setattr(upstream, "random_dataloader_iterator", epoch)
+    monkeypatch.setattr(upstream, "_set_epoch_step_for_training_step", lambda step: None)
+
+    images = torch.utils.data.DataLoader(range(4))
+
+    def run(epochs: int, batches: int) -> tuple[list[float], bool]:
+        """A run's batches, one fetcher per epoch as upstream's trainer makes them, the global states seeded first; and
+        whether torch's global generator moved (the step's thread here draws nothing from it)."""
+        random.seed(1234)
+        torch.manual_seed(1234)
+        torch_state = torch.random.get_rng_state()
+        saved = random.getstate()  # what a compile in the step's thread keeps and puts back
+        got = []
+        for _ in range(epochs):
+            fetcher = upstream.BatchFetcher(step=0, max_size=1, datasets={"left": batches, "images": images})
+            thread = fetcher.start_fetching()
+            for step in range(batches):
+                got.append(fetcher.next_response(step))
+                random.setstate(saved)  # the step's thread rewinds the global state, again and again
+            thread.join(5)
+            assert not thread.is_alive()
+        return got, not torch.equal(torch_state, torch.random.get_rng_state())
+
+    try:
+        prefetch.apply(True)  # a run
+        ours = run(2, 20)
+        prefetch.apply(True)  # another run in the same process
+        again = run(2, 20)
+    finally:
+        prefetch.apply(False)
+        images.generator = None
+    assert sampler.random is random  # upstream's module back
+    seeded = random.Random(1234)
+    assert ours == again == ([seeded.random() for _ in range(40)], False)  # the seed's own sequence, through both epochs
+    # upstream: the thread draws again from the state the step's thread put back (it waits 0.5 s on a full queue), and
+    # moves torch's global generator
+    draws, moved = run(1, 4)
+    assert len(set(draws)) < 4 and moved
 
 
 def test_prefetch_sets_upstreams_options_unless_the_preset_does():

@@ -14,12 +14,29 @@ the queue while the thread sleeps and waits for it: about 1 s every few steps (m
 median of 0.09 s). `apply` replaces the two methods of upstream's `BatchFetcher` with blocking ones: the thread
 waits on the queue's own condition and wakes as soon as a step takes a batch, and the step sleeps until one is
 there. What is fetched, in which order, and where it is copied stay upstream's.
+
+Reading ahead also made a seed's run unrepeatable (two runs of one preset on the tiny model differed from their
+first or second step), as the fetching thread drew from generators the step's thread uses too:
+- upstream's sampler (`simpletuner.helpers.multiaspect.sampler`) picks buckets and images with Python's global
+  `random`, which the step's thread saves and restores around every torch.compile (dynamo keeps Python's random
+  state unchanged by tracing), so which images a step got depended on timing;
+- every batch starts a torch DataLoader iterator, which draws a seed for its workers from torch's global generator
+  (`loader.generator` when set), the one the step draws its noise and timesteps from, so the step's noise depended
+  on how far ahead the thread had read.
+Here the fetching thread draws from its own `random.Random`, a copy of the global state taken in the step's thread
+when the run's first fetcher starts (continued by the next epochs' fetchers), and the data loaders it iterates get a
+`torch.Generator` of their own, seeded from the run's torch seed: the same draws in the same order on every run. The
+collate's caption dropout draws from NumPy's global state in the fetching thread, which nothing else draws from
+during training.
 """
 
 from __future__ import annotations
 
 import queue
+import random
 import threading
+
+import torch
 
 from sd3fit.simpletuner import compat
 
@@ -28,8 +45,24 @@ QUEUE = 4  # batches read ahead; upstream's default of 10 only holds more memory
 DEVICE_THRESHOLD_MB = 1  # every SD3 batch is larger: all of them go to the GPU ahead of their step
 STOP_POLL_S = 0.2  # a waiting thread looks this often whether the run asked it to stop
 MODULE = "simpletuner.helpers.data_backend.runtime.batch_fetcher"
+SAMPLER = "simpletuner.helpers.multiaspect.sampler"
+METHODS = ("start_fetching", "fetch_responses", "next_response")  # BatchFetcher's, replaced  # draws with the `random` module it imported
 
 _upstream: dict | None = None  # BatchFetcher's own methods while ours are in place
+_thread = threading.local()  # `random`: the fetching thread's own generator
+_fetch_random: random.Random | None = None  # that generator, continued from one epoch's fetcher to the next
+_fetch_generator: torch.Generator | None = None  # the data loaders' own, likewise
+
+
+class _ThreadRandom:
+    """Stands for the `random` module in upstream's sampler: the fetching thread's own generator there, the
+    module's global one everywhere else."""
+
+    def __getattr__(self, name):
+        return getattr(getattr(_thread, "random", None) or random, name)
+
+
+THREAD_RANDOM = _ThreadRandom()
 
 
 def options(options: dict, on: bool, cuda: bool) -> dict:
@@ -54,6 +87,8 @@ def _fetch_responses(self) -> None:
     iterator_fn = upstream._resolve_random_iterator()
     plain = iterator_fn is upstream.DEFAULT_RANDOM_ITERATOR
     in_main_thread = threading.current_thread() is threading.main_thread()  # upstream fills the queue once, then returns
+    if not in_main_thread:
+        _thread.random = getattr(self, "sd3fit_random", None)
     try:
         while self.keep_running:
             if in_main_thread and self.queue.full():
@@ -86,6 +121,23 @@ def _fetch_responses(self) -> None:
             type(self).keep_running = upstream.DEFAULT_KEEP_RUNNING_PROPERTY
 
 
+def _start_fetching(self) -> threading.Thread:
+    """Upstream's, giving the thread the run's own generators (made when the first fetcher starts: here, in the
+    step's thread, at the same point of every run): Python's for the sampler, torch's for the data loaders."""
+    global _fetch_random, _fetch_generator
+    if _fetch_random is None:
+        _fetch_random = random.Random()
+        _fetch_random.setstate(random.getstate())
+        _fetch_generator = torch.Generator().manual_seed(torch.initial_seed())
+    self.sd3fit_random = _fetch_random
+    for loader in (self.datasets or {}).values():
+        if isinstance(loader, torch.utils.data.DataLoader) and loader.generator is None:
+            loader.generator = _fetch_generator  # its iterators' seed draws leave torch's global generator alone
+    thread = threading.Thread(target=self.fetch_responses)
+    thread.start()
+    return thread
+
+
 def _next_response(self, step: int):
     """Upstream's, with a blocking `get` instead of spinning on `queue.empty()`."""
     from simpletuner.helpers.data_backend.runtime import batch_fetcher as upstream
@@ -99,24 +151,35 @@ def _next_response(self, step: int):
 
 
 def apply(on: bool) -> None:
-    """Blocking waits in upstream's BatchFetcher (`on`), or upstream's own methods back."""
-    global _upstream
+    """Blocking waits and a fetching thread with its own random draws in upstream's BatchFetcher (`on`), or
+    upstream's own methods back."""
+    global _upstream, _fetch_random, _fetch_generator
+    import importlib
+
     from simpletuner.helpers.data_backend.runtime import batch_fetcher as upstream
 
+    sampler = importlib.import_module(SAMPLER)
+    _fetch_random = _fetch_generator = None  # a new run draws from the global states as seeded for it
     if not on:
         if _upstream is not None:
             for name, method in _upstream.items():
                 setattr(upstream.BatchFetcher, name, method)
+            sampler.random = random
             _upstream = None
         return
     compat.require(CHECKED_AGAINST, __name__)
     needed = ("_resolve_random_iterator", "_set_epoch_step_for_training_step", "DEFAULT_RANDOM_ITERATOR",
               "DEFAULT_KEEP_RUNNING_PROPERTY", "logger")
-    missing = [name for name in needed if not hasattr(upstream, name)]
-    missing += [name for name in ("fetch_responses", "next_response") if not callable(getattr(upstream.BatchFetcher, name, None))]
+    missing = [f"{MODULE}.{name}" for name in needed if not hasattr(upstream, name)]
+    missing += [f"{MODULE}.BatchFetcher.{name}" for name in METHODS
+                if not callable(getattr(upstream.BatchFetcher, name, None))]
+    if getattr(sampler, "random", None) not in (random, THREAD_RANDOM):  # it no longer draws with the module
+        missing.append(f"{SAMPLER}.random")
     if missing:
-        raise RuntimeError(f"{__name__}: {MODULE} lacks {', '.join(missing)}; this patch needs updating")
+        raise RuntimeError(f"{__name__}: SimpleTuner lacks {', '.join(missing)}; this patch needs updating")
     if _upstream is None:
-        _upstream = {name: upstream.BatchFetcher.__dict__[name] for name in ("fetch_responses", "next_response")}
+        _upstream = {name: upstream.BatchFetcher.__dict__[name] for name in METHODS}
+    upstream.BatchFetcher.start_fetching = _start_fetching
     upstream.BatchFetcher.fetch_responses = _fetch_responses
     upstream.BatchFetcher.next_response = _next_response
+    sampler.random = THREAD_RANDOM
