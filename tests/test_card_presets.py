@@ -57,7 +57,8 @@ def preset_args(preset: str) -> list[str]:
     """A card preset's run on the tiny model: its own memory options, the common length and learning rate."""
     data = presets.read(presets.CONFIG_DIR / f"{preset}.json")
     # RamTorch (text encoders streamed from CPU memory) needs CUDA; on a CPU the encoders already live in CPU memory
-    cpu_only = ["ramtorch=false"] if data.get("ramtorch") and not torch.cuda.is_available() else []
+    # (and with it the bound on its copies)
+    cpu_only = ["ramtorch=false", "ramtorch_copy_ahead_gib=null"] if data.get("ramtorch") and not torch.cuda.is_available() else []
     return [preset, *TINY, *cpu_only, f"learning_rate={LEARNING_RATE[data['model_type']]}", f"seed={SEEDS[0]}"]
 
 

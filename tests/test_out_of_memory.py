@@ -64,7 +64,10 @@ def test_the_summary_names_where_memory_ran_out_and_a_preset_that_needs_less(tmp
 
 
 def test_the_smallest_preset_has_nothing_smaller_to_offer(tmp_path):
-    # today's lora-8gb (its speed patches off: the same memory configuration) is the smallest there is
-    smallest = ROOT / "results" / "2026-11-28-speed2-h200" / "bench" / "runs" / "lora-8gb-8GB-stock"
-    assert fit.smaller(copied_run(smallest, tmp_path / "lora-8gb-run")) is None
+    # lora-6gb is the smallest there is; below an older lora-8gb configuration's run (every block checkpointed,
+    # RamTorch's copies unbounded: 6.05 GiB) comes today's lora-8gb (6.01 GiB), and so below lora-12gb's
+    smallest = ROOT / "results" / "2026-11-29-copy-ahead-h200" / "bench-lora-6gb" / "runs" / "lora-6gb-6GB"
+    assert fit.smaller(copied_run(smallest, tmp_path / "lora-6gb-run")) is None
+    unbounded = ROOT / "results" / "2026-11-28-speed2-h200" / "bench" / "runs" / "lora-8gb-8GB-stock"
+    assert fit.smaller(copied_run(unbounded, tmp_path / "lora-8gb-run"))[0] == "lora-8gb"
     assert fit.smaller(copied_run(CARDS / "lora-12gb-12GB", tmp_path / "lora-12gb-run"))[0] == "lora-8gb"
