@@ -269,3 +269,16 @@ def test_with_ramtorch_the_models_zero_grad_ends_the_step():
     assert recorder.ended == 2
     component.zero_grad()  # zeroing outside a step (no backward before it) ends nothing
     assert recorder.ended == 2
+
+
+def test_a_full_run_lists_its_model_only_when_the_export_wrote_weights(tmp_path):
+    from sd3fit.runs import Run
+
+    run = Run(tmp_path / "run")
+    options = {"model_type": "full", "output_dir": str(run.output)}
+    transformer = run.output / "pipeline" / "transformer"
+    transformer.mkdir(parents=True)
+    (transformer / "config.json").write_text("{}")
+    assert "transformer" not in launcher._artifacts(run, options)  # a folder without weights is no model
+    (transformer / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert launcher._artifacts(run, options)["transformer"] == str(transformer)

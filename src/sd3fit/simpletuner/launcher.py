@@ -154,9 +154,11 @@ def _artifacts(run: Run, options: dict) -> dict[str, str]:
             found["adapter"] = str(adapter)
     else:
         pipeline = out / "pipeline"
-        if (pipeline / "transformer").is_dir():
+        transformer = pipeline / "transformer"
+        # a folder without weights is no model (seen once after an FSDP2 run on two CPU processes)
+        if transformer.is_dir() and any(p.suffix in (".safetensors", ".bin") for p in transformer.iterdir()):
             found["pipeline"] = str(pipeline)
-            found["transformer"] = str(pipeline / "transformer")
+            found["transformer"] = str(transformer)
     checkpoint = last_checkpoint(run)
     if checkpoint is not None:
         found["last_checkpoint"] = str(checkpoint.path)
@@ -309,6 +311,12 @@ def train(run: Run) -> dict:
         result["wall_seconds"] = round(time.time() - started, 3)
         result["speed"] = _speed(config.get("sd3fit", {}), trainer)
         result["artifacts"] = _artifacts(run, options)
+        if result["status"] == "finished" and _rank() == 0:  # rank 0 exports the weights
+            wanted = "adapter" if options.get("model_type", "full") == "lora" else "transformer"
+            if wanted not in result["artifacts"]:
+                result["status"] = "failed"
+                result["error"] = (f"training finished but the final export wrote no {wanted} weights to "
+                                   f"{Path(options['output_dir'])}; see train.log")
         if cap is not None:
             result["gpu_budget"] = cap.facts()
         try:
