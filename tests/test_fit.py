@@ -209,3 +209,53 @@ def test_the_gpu_nvidia_smi_finds_is_used_when_no_card_is_named(tmp_path, card, 
     env = fake_nvidia_smi(tmp_path, card)
     proc = run_sd3fit("train", "lora", local_sd3_medium(tmp_path), "--runs-dir", str(tmp_path / "runs"), env=env)
     assert f"lora on {card.split(',')[0]} ({int(card.split(', ')[1]) / 1024:.2f} GiB): {expected}," in proc.stdout
+
+
+# -- several cards: `--num-processes N` with `--gpu SIZE` means N cards of that size --------------------------------
+def two_process_rows(tmp_path, peak_gib: float):
+    """A results file holding lora-8gb's benchmark row made into a two-process one whose largest process peaked at
+    `peak_gib` on the device (the run's files copied beside it, as the benchmark writes them)."""
+    import shutil
+
+    from sd3fit.bench import results
+    from sd3fit.presets import PROJECT_DIR
+
+    one = fit.measured(presets.load("lora-8gb").values)
+    reference = PROJECT_DIR / one.reference
+    row = next(r for r in results.read(reference) if one.run.endswith(r["run"].rsplit("/", 1)[-1]))
+    out = tmp_path / "bench"
+    shutil.copytree(PROJECT_DIR / one.run, out / "runs" / "two", ignore=shutil.ignore_patterns("tensorboard"))
+    row.update(run="runs/two", processes=2, largest_rank_device_gib=peak_gib)
+    (out / "results.jsonl").write_text(json.dumps(row) + "\n")
+    return out / "results.jsonl"
+
+
+def test_n_cards_are_judged_by_a_benchmark_run_on_as_many_processes(tmp_path, monkeypatch):
+    values = presets.load("lora-8gb").values
+    # the committed benchmark has no run on two processes: nothing judges two cards, nothing is chosen for them
+    assert fit.measured(values, processes=2) is None
+    with pytest.raises(UserError, match="no lora preset has a benchmark run on 2 processes to judge 2 cards by"):
+        fit.pick("lora", fit.card("12GB"), [], processes=2)
+    reference = two_process_rows(tmp_path, peak_gib=6.5)
+    found = fit.measured(values, references=[reference], processes=2)
+    assert found.device_gib == 6.5  # the largest process's peak, not rank 0's whole-run column
+    assert fit.measured(values, references=[reference]) is None  # a two-process row says nothing of one process
+    monkeypatch.setattr(fit, "REFERENCES", (reference,))
+    assert fit.pick("lora", fit.card("8GB"), [], processes=2) == "lora-8gb"
+    with pytest.raises(UserError) as caught:
+        fit.pick("lora", fit.card("6GB"), [], processes=2)
+    assert ("no lora preset fits 2 x a 6GB card (5.59 GiB); the smallest card that works is 8GB (lora-8gb needs "
+            "6.50 GiB on each of 2 processes)") in str(caught.value)
+    with pytest.raises(UserError, match=r"needs more than 6.50 GiB of GPU memory on each of 2 processes"):
+        fit.check("lora-8gb", values, fit.card("6GB"), processes=2)
+    fit.check("lora-8gb", values, fit.card("8GB"), processes=2)
+
+
+def test_train_names_the_cards_it_would_need_for_several_processes(tmp_path):
+    line = one_line_error(run_sd3fit("train", "lora", "--gpu", "12GB", "--num-processes", "2",
+                                     "--runs-dir", str(tmp_path / "runs")))
+    assert "no lora preset has a benchmark run on 2 processes" in line and "sd3fit bench --num-processes 2" in line
+    assert not (tmp_path / "runs").exists()
+    line = one_line_error(run_sd3fit("train", "lora", "--gpu", "12GB", "--num-processes", "0",
+                                     "--runs-dir", str(tmp_path / "runs")))
+    assert "--num-processes must be 1 or more, not 0" in line

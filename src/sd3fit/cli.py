@@ -134,11 +134,12 @@ def cmd_train(args) -> int:
     config, overrides = _split_config(args)
     if args.resume:
         return _resume(args, config, overrides, started)
-    chosen, why = train.choose(config, overrides, args.gpu)
+    launch.check_count(args.num_processes)
+    chosen, why = train.choose(config, overrides, args.gpu, args.num_processes)
     if why:
         print(f"sd3fit: {why}", flush=True)
     prepared = train.prepare(chosen, overrides, name=args.name, runs_dir=args.runs_dir,
-                             check_fit=not args.skip_fit_check, gpu=args.gpu)
+                             check_fit=not args.skip_fit_check, gpu=args.gpu, processes=args.num_processes)
     launch.check_processes(prepared.preset.values, args.num_processes)
     if args.dry_run:
         print(json.dumps(prepared.record, indent=2))

@@ -8,7 +8,9 @@ logging, validation prompts) are the only ones left out; any other difference, a
 makes it another configuration.
 
 A card fits a run when the run's whole-run device peak (PyTorch's reserved peak plus the memory the process held
-outside the allocator, both measured) is below the card's memory. Rows from before the device peak was measured
+outside the allocator, both measured) is below the card's memory. A run on N processes (`--num-processes N`, one
+card each) is judged only by benchmark rows of N processes, by the largest peak of any one of them: N cards of a
+size fit when that peak is below the size. Rows from before the device peak was measured
 give only the allocated peak; for them the rule is weaker: refuse only a card below that peak, which no card can
 serve.
 """
@@ -98,22 +100,26 @@ def _run_options(run: Run) -> dict:
     return {**config["simpletuner"], **{k: v for k, v in config.get("sd3fit", {}).items() if k in OWN_MEMORY_KEYS}}
 
 
-def measured(options: dict, references=REFERENCES) -> Measured | None:
-    """The benchmarked run with the same memory options, or None (not SD3 Medium, or never benchmarked)."""
+def measured(options: dict, references=None, processes: int = 1) -> Measured | None:
+    """The benchmarked run with the same memory options on as many processes, or None (not SD3 Medium, or never
+    benchmarked so). For several processes its device peak is the largest of any one process's."""
     if not sd3_medium.is_sd3_medium(str(options.get("pretrained_model_name_or_path", ""))):
         return None
     wanted = memory_options(options)
-    for reference in map(Path, references):
+    for reference in map(Path, REFERENCES if references is None else references):
         for row in results.read(reference) if reference.is_file() else []:
             if row.get("status") != "finished" or row.get("run_peak_allocated_gib") is None:
+                continue
+            if (row.get("processes") or 1) != processes:  # rows from before `--num-processes` ran one process
                 continue
             if shared_gpu(row):
                 continue  # its device peak is not this configuration's
             run = Run(reference.parent / "runs" / Path(row["run"]).name)
             if not run.config.is_file() or memory_options(_run_options(run)) != wanted:
                 continue
+            device = row.get("largest_rank_device_gib") if processes > 1 else row.get("run_peak_device_gib")
             return Measured(run=portable(run.dir), allocated_gib=row["run_peak_allocated_gib"],
-                            device_gib=row.get("run_peak_device_gib"), step_s=row.get("step_s_median"),
+                            device_gib=device, step_s=row.get("step_s_median"),
                             rss_gib=row.get("run_peak_rss_gib"), reference=portable(reference))
     return None
 
@@ -137,10 +143,11 @@ def card(text: str) -> tuple[str, float]:
     return f"a {text.strip()} card", host.size_gib(text, "--gpu")
 
 
-def check(preset_name: str, options: dict, device: tuple[str, float] | None, ram_gib: float | None = None) -> None:
-    """Refuse a GPU (name, GiB) smaller than the configuration's measured need, and a machine whose free RAM is
-    below what an offloading configuration held in CPU memory when measured."""
-    found = measured(options)
+def check(preset_name: str, options: dict, device: tuple[str, float] | None, ram_gib: float | None = None,
+          processes: int = 1) -> None:
+    """Refuse a GPU (name, GiB; one per process) smaller than the configuration's measured need, and a machine whose
+    free RAM is below what an offloading configuration held in CPU memory when measured."""
+    found = measured(options, processes=processes)
     if found is None:
         return
     if device is not None and not found.fits(device[1]):
@@ -149,14 +156,17 @@ def check(preset_name: str, options: dict, device: tuple[str, float] | None, ram
             f" in a benchmark run of the same configuration, {found.run}"
         raise UserError(
             f"preset {preset_name} needs {'more than ' if found.device_gib is not None else 'at least '}"
-            f"{found.need_gib:.2f} GiB of GPU memory ({what}), but {name} has {total:.2f} GiB; choose a preset that "
-            "fits (sd3fit train lora|full --gpu SIZE picks one) or pass --skip-fit-check to try anyway"
+            f"{found.need_gib:.2f} GiB of GPU memory{_each(processes)} ({what}), but {name} has {total:.2f} GiB; choose "
+            "a preset that fits (sd3fit train lora|full --gpu SIZE picks one) or pass --skip-fit-check to try anyway"
         )
-    if ram_gib is not None and found.rss_gib and any(options.get(k) for k in OFFLOAD_KEYS) and ram_gib < found.rss_gib:
+    # every process keeps its own copy of what it offloads
+    ram_need = found.rss_gib * processes if found.rss_gib else None
+    if ram_gib is not None and ram_need and any(options.get(k) for k in OFFLOAD_KEYS) and ram_gib < ram_need:
         raise UserError(
-            f"preset {preset_name} keeps weights in CPU memory and needs about {found.rss_gib:.1f} GiB of RAM (peak "
-            f"measured in {found.run}), but this machine has {ram_gib:.1f} GiB available; free memory, choose a "
-            "preset for a larger card, or pass --skip-fit-check to try anyway"
+            f"preset {preset_name} keeps weights in CPU memory and needs about {ram_need:.1f} GiB of RAM (peak "
+            f"measured in {found.run}{', for each process' if processes > 1 else ''}), but this machine has "
+            f"{ram_gib:.1f} GiB available; free memory, choose a preset for a larger card, or pass --skip-fit-check "
+            "to try anyway"
         )
 
 
@@ -170,20 +180,29 @@ def candidates(kind: str) -> list[str]:
     return found
 
 
-def _measured_candidates(kind: str, overrides: list[str]) -> list[tuple[str, Measured]]:
-    """The card presets of `kind` (with `overrides`) that have a benchmark row, with that row's numbers."""
+def _each(processes: int) -> str:
+    return f" on each of {processes} processes" if processes > 1 else ""
+
+
+def _measured_candidates(kind: str, overrides: list[str], processes: int = 1) -> list[tuple[str, Measured]]:
+    """The card presets of `kind` (with `overrides`) that have a benchmark row on `processes` processes, with that
+    row's numbers."""
     scored = []
     for name in candidates(kind):
-        found = measured(presets.load(name, overrides).values)
+        found = measured(presets.load(name, overrides).values, processes=processes)
         if found is not None:
             scored.append((name, found))
     return scored
 
 
-def pick(kind: str, device: tuple[str, float], overrides: list[str]) -> str:
+def pick(kind: str, device: tuple[str, float], overrides: list[str], processes: int = 1) -> str:
     """The fastest measured preset of `kind` whose whole-run need is below the GPU's memory (of those within
-    `SAME_SPEED` of it, the one made for the largest card up to this GPU)."""
-    scored = _measured_candidates(kind, overrides)
+    `SAME_SPEED` of it, the one made for the largest card up to this GPU); with several processes, one such GPU
+    each, judged by benchmark rows of as many processes."""
+    scored = _measured_candidates(kind, overrides, processes)
+    if not scored and processes > 1:
+        raise UserError(f"no {kind} preset has a benchmark run on {processes} processes to judge {processes} cards by "
+                        f"(sd3fit bench --num-processes {processes} measures one); name a preset instead")
     if not scored:
         raise UserError(f"no {kind} preset has a benchmark run of its configuration with these options (SD3 Medium "
                         "only; an override that changes memory makes another configuration); name a preset instead")
@@ -192,8 +211,9 @@ def pick(kind: str, device: tuple[str, float], overrides: list[str]) -> str:
     if not fitting:
         smallest_preset, smallest = min(scored, key=lambda item: item[1].need_gib)
         card_size = _card(smallest_preset)
-        raise UserError(f"no {kind} preset fits {name} ({total:.2f} GiB); the smallest card that works is {card_size} "
-                        f"({smallest_preset} needs {smallest.need_gib:.2f} GiB)")
+        cards = f"{processes} x {name}" if processes > 1 else name
+        raise UserError(f"no {kind} preset fits {cards} ({total:.2f} GiB); the smallest card that works is {card_size} "
+                        f"({smallest_preset} needs {smallest.need_gib:.2f} GiB{_each(processes)})")
     fastest = min(fitting)
     # of the presets as fast as the fastest, the one made for the largest card, counting a larger card's preset that
     # fits as made for this one (a 24 GB preset on a 24 GB card, not a 16 GB one that saves memory it does not need;

@@ -103,11 +103,16 @@ class _Forwarder:
             _end_group(self.proc)
 
 
+def check_count(num_processes: int) -> None:
+    """Refuse a number of processes below one (before a preset is chosen for that many cards)."""
+    if num_processes < 1:
+        raise UserError(f"--num-processes must be 1 or more, not {num_processes}")
+
+
 def check_processes(values: dict, num_processes: int) -> None:
     """Refuse, before anything loads, more processes than GPUs, and several processes for a preset that cannot
     train in several."""
-    if num_processes < 1:
-        raise UserError(f"--num-processes must be 1 or more, not {num_processes}")
+    check_count(num_processes)
     gpus = host.gpu_count() if num_processes > 1 else None
     if gpus and num_processes > gpus:  # no GPU at all: processes on the CPU (gloo), as many as asked
         raise UserError(f"--num-processes {num_processes} asks for one process per GPU, and nvidia-smi finds {gpus} "

@@ -42,16 +42,18 @@ def device(gpu: str | None) -> tuple[str, float] | None:
     return fit.card(gpu) if gpu else host.gpu()
 
 
-def choose(preset_arg: str | None, overrides: list[str], gpu: str | None) -> tuple[str | None, str | None]:
-    """(preset, why): `lora` or `full` means the fastest preset of that kind that fits the GPU, and `why` says so;
-    anything else is a preset, and `why` is None."""
+def choose(preset_arg: str | None, overrides: list[str], gpu: str | None,
+           processes: int = 1) -> tuple[str | None, str | None]:
+    """(preset, why): `lora` or `full` means the fastest preset of that kind that fits the GPU (one such GPU per
+    process), and `why` says so; anything else is a preset, and `why` is None."""
     if preset_arg not in fit.KINDS:
         return preset_arg, None
     found = device(gpu)
     if found is None:
         raise UserError(f"no GPU found (nvidia-smi); name the card to choose a {preset_arg} preset for, e.g. --gpu 12GB")
-    chosen = fit.pick(preset_arg, found, overrides)
-    return chosen, f"{preset_arg} on {found[0]} ({found[1]:.2f} GiB): {chosen}, the fastest preset measured to fit"
+    chosen = fit.pick(preset_arg, found, overrides, processes)
+    cards = f"{processes} x {found[0]}" if processes > 1 else found[0]
+    return chosen, f"{preset_arg} on {cards} ({found[1]:.2f} GiB): {chosen}, the fastest preset measured to fit"
 
 
 def _demo_assets() -> None:
@@ -93,17 +95,17 @@ def _output_to(path: Path):
 
 
 def prepare(preset_arg: str | None, overrides: list[str], name: str | None = None, runs_dir: str | None = None,
-            check_fit: bool = True, gpu: str | None = None) -> Prepared:
+            check_fit: bool = True, gpu: str | None = None, processes: int = 1) -> Prepared:
     """Check preset, GPU memory, model and dataset; plan the run folder but create nothing (see `write`).
     `check_fit=False` skips refusing a GPU (or RAM) smaller than the configuration's measured need; `gpu` ("12GB")
-    names the card to fit instead of the one nvidia-smi finds."""
+    names the card to fit instead of the one nvidia-smi finds; `processes`: one such card per process."""
     preset = presets.load(preset_arg, overrides)
     if preset.uses_demo:
         _demo_assets()
     own, options = schema.split(preset.values)
     fit.check_capability(options, host.gpu_capability())
     if check_fit:
-        fit.check(preset.name, preset.values, device(gpu), host.ram_gib())
+        fit.check(preset.name, preset.values, device(gpu), host.ram_gib(), processes)
     source = hub.check_model(options["pretrained_model_name_or_path"])
     run = runs.plan(runs.runs_root(runs_dir), name, preset.name)
     dataset_dir = own.get("dataset_dir")
