@@ -184,6 +184,11 @@ def _each(processes: int) -> str:
     return f" on each of {processes} processes" if processes > 1 else ""
 
 
+def cards(name: str, processes: int) -> str:
+    """How a card (`name`, e.g. "a 12GB card") reads when each of `processes` processes has one."""
+    return f"{processes} x {name}" if processes > 1 else name
+
+
 def _measured_candidates(kind: str, overrides: list[str], processes: int = 1) -> list[tuple[str, Measured]]:
     """The card presets of `kind` (with `overrides`) that have a benchmark row on `processes` processes, with that
     row's numbers."""
@@ -211,9 +216,8 @@ def pick(kind: str, device: tuple[str, float], overrides: list[str], processes: 
     if not fitting:
         smallest_preset, smallest = min(scored, key=lambda item: item[1].need_gib)
         card_size = _card(smallest_preset)
-        cards = f"{processes} x {name}" if processes > 1 else name
-        raise UserError(f"no {kind} preset fits {cards} ({total:.2f} GiB); the smallest card that works is {card_size} "
-                        f"({smallest_preset} needs {smallest.need_gib:.2f} GiB{_each(processes)})")
+        raise UserError(f"no {kind} preset fits {cards(name, processes)} ({total:.2f} GiB); the smallest card that "
+                        f"works is {card_size} ({smallest_preset} needs {smallest.need_gib:.2f} GiB{_each(processes)})")
     fastest = min(fitting)
     # of the presets as fast as the fastest, the one made for the largest card, counting a larger card's preset that
     # fits as made for this one (a 24 GB preset on a 24 GB card, not a 16 GB one that saves memory it does not need;

@@ -52,8 +52,8 @@ def choose(preset_arg: str | None, overrides: list[str], gpu: str | None,
     if found is None:
         raise UserError(f"no GPU found (nvidia-smi); name the card to choose a {preset_arg} preset for, e.g. --gpu 12GB")
     chosen = fit.pick(preset_arg, found, overrides, processes)
-    cards = f"{processes} x {found[0]}" if processes > 1 else found[0]
-    return chosen, f"{preset_arg} on {cards} ({found[1]:.2f} GiB): {chosen}, the fastest preset measured to fit"
+    return chosen, (f"{preset_arg} on {fit.cards(found[0], processes)} ({found[1]:.2f} GiB): {chosen}, the fastest "
+                    "preset measured to fit")
 
 
 def _demo_assets() -> None:

@@ -45,8 +45,8 @@ QUEUE = 4  # batches read ahead; upstream's default of 10 only holds more memory
 DEVICE_THRESHOLD_MB = 1  # every SD3 batch is larger: all of them go to the GPU ahead of their step
 STOP_POLL_S = 0.2  # a waiting thread looks this often whether the run asked it to stop
 MODULE = "simpletuner.helpers.data_backend.runtime.batch_fetcher"
-SAMPLER = "simpletuner.helpers.multiaspect.sampler"
-METHODS = ("start_fetching", "fetch_responses", "next_response")  # BatchFetcher's, replaced  # draws with the `random` module it imported
+SAMPLER = "simpletuner.helpers.multiaspect.sampler"  # draws with the `random` module it imported
+METHODS = ("start_fetching", "fetch_responses", "next_response")  # BatchFetcher's, replaced
 
 _upstream: dict | None = None  # BatchFetcher's own methods while ours are in place
 _thread = threading.local()  # `random`: the fetching thread's own generator
