@@ -311,7 +311,7 @@ def train(run: Run) -> dict:
         result["wall_seconds"] = round(time.time() - started, 3)
         result["speed"] = _speed(config.get("sd3fit", {}), trainer)
         result["artifacts"] = _artifacts(run, options)
-        if result["status"] == "finished" and _rank() == 0:  # rank 0 exports the weights
+        if result["status"] == "finished" and _is_main_process():  # it exports the weights
             wanted = "adapter" if options.get("model_type", "full") == "lora" else "transformer"
             if wanted not in result["artifacts"]:
                 result["status"] = "failed"
