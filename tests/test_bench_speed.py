@@ -47,9 +47,19 @@ def test_without_compiled_blocks_a_recompute_budget_becomes_checkpointing_every_
     swap = ["recompute_budget=null", "gradient_checkpointing=true"]
     assert plan["stock"][-2:] == swap and plan["without compile_blocks"] == ["compile_blocks=false", *swap]
     assert plan["sd3fit"] == [] and plan["without skip_tracemalloc"] == ["skip_tracemalloc=false"]
-    budgeted = ["compile_blocks=true", "gradient_checkpointing=false", "recompute_budget=0.3"]
+    budgeted = ["compile_blocks=true", "cuda_graph_blocks=false", "gradient_checkpointing=false", "recompute_budget=0.3"]
     for overrides in plan.values():  # every variant is a preset sd3fit accepts
         presets.load("lora-24gb", budgeted + overrides)
+
+
+def test_without_compiled_blocks_their_cuda_graphs_go_too():
+    values = {"compile_blocks": True, "cuda_graph_blocks": True, "skip_tracemalloc": True}
+    plan = {label: overrides for label, overrides, _ in _plan("each", values)}
+    assert plan["without compile_blocks"] == ["compile_blocks=false", "cuda_graph_blocks=false"]
+    assert plan["without cuda_graph_blocks"] == ["cuda_graph_blocks=false"]
+    graphed = ["compile_blocks=true", "cuda_graph_blocks=true", "set_grads_to_none=true"]
+    for overrides in plan.values():  # every variant is a preset sd3fit accepts
+        presets.load("lora-24gb", graphed + overrides)
 
 
 def test_speed_patches_are_the_keys_left_on_after_overrides():

@@ -65,6 +65,44 @@ def test_compiled_blocks_compute_what_upstream_does_with_lora_and_checkpointing(
     assert compiled_blocks.stats() is None
 
 
+def test_cuda_graph_blocks_train_as_upstream_and_leave_inference_to_the_plain_graphs(restore_upstream):
+    """Training calls go through the CUDA-graph compile where there is one (a CUDA GPU), two steps so the second
+    replays what the first recorded; inference calls always run the plain compiled graphs."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_lora_transformer(False).to(device)
+
+    def on_device_step():
+        with torch.device(device):
+            return step(model)
+
+    eager_out, eager_grads = on_device_step()
+    compiler = compiled_blocks.apply(True, cuda_graphs=True)
+    assert compiler.cuda_graphs == torch.cuda.is_available()  # inductor only: no graphs on a CPU
+    for _ in range(2):
+        out, grads = on_device_step()
+        torch.testing.assert_close(out, eager_out, rtol=1e-3, atol=1e-4)
+        for got, want in zip(grads, eager_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+    blocks = len(model.transformer_blocks)
+    with torch.no_grad(), torch.device(device):
+        torch.manual_seed(1)
+        model(hidden_states=torch.randn(1, 4, 16, 16), encoder_hidden_states=torch.randn(1, 10, 32),
+              pooled_projections=torch.randn(1, 64), timestep=torch.tensor([500.0]))
+    stats = compiled_blocks.stats()
+    assert stats["compiled_calls"] == 3 * blocks and stats["cuda_graphs"] == compiler.cuda_graphs
+    assert stats["graphed_calls"] == (2 * blocks if compiler.cuda_graphs else 0)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["compile_blocks=false", "set_grads_to_none=true"], "set compile_blocks=true"),
+    (["compile_blocks=true"], "set_grads_to_none=true"),
+])
+def test_cuda_graph_blocks_are_refused_where_they_cannot_apply(overrides, words):
+    with pytest.raises(UserError, match=words):
+        presets.load("lora-24gb", ["cuda_graph_blocks=true", "set_grads_to_none=false", *overrides])
+    presets.load("lora-24gb", ["cuda_graph_blocks=true", "compile_blocks=true", "set_grads_to_none=true"])
+
+
 def test_attention_offload_runs_upstreams_function(restore_upstream):
     compiler = compiled_blocks.apply(True)
     assert compiler.eager_when(joint_attention_kwargs=None, offload_attention=True)
@@ -88,7 +126,7 @@ def test_compiled_blocks_refuse_weights_that_move_or_are_quantized(override, wor
     extra = ["ramtorch=true"] if "ramtorch" in override else []
     with pytest.raises(UserError, match=words):
         presets.load("lora-24gb", ["compile_blocks=true", override, *extra])
-    presets.load("lora-24gb", ["compile_blocks=false", override, *extra])  # the patch off: accepted
+    presets.load("lora-24gb", ["compile_blocks=false", "cuda_graph_blocks=false", override, *extra])  # the patch off: accepted
 
 
 def test_a_recompute_budget_keeps_fewer_activations_for_the_same_gradients():
@@ -131,7 +169,7 @@ def test_a_recompute_budget_keeps_fewer_activations_for_the_same_gradients():
 ])
 def test_a_recompute_budget_is_refused_where_it_cannot_apply(overrides, words):
     with pytest.raises(UserError, match=words):
-        presets.load("lora-24gb", ["compile_blocks=false", *overrides])
+        presets.load("lora-24gb", ["compile_blocks=false", "cuda_graph_blocks=false", *overrides])
     presets.load("lora-24gb", ["compile_blocks=true", "gradient_checkpointing=false", "recompute_budget=0.3"])
 
 

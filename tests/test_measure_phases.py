@@ -82,6 +82,25 @@ def test_a_gpu_budget_leaves_room_for_what_lies_outside_the_allocator():
     assert fractions[-1] == pytest.approx(7.15 / 80)
 
 
+def test_a_presets_memory_limit_caps_the_run_and_the_smaller_of_it_and_a_benchmarks_budget_holds():
+    from sd3fit.simpletuner.launcher import memory_budget
+
+    assert memory_budget(None, {}) is None and memory_budget("", {"gpu_memory_limit_gib": None}) is None
+    assert memory_budget("7.45", {}) == 7.45
+    assert memory_budget(None, {"gpu_memory_limit_gib": 6.0}) == 6.0
+    assert memory_budget("7.45", {"gpu_memory_limit_gib": 6.0}) == 6.0
+    assert memory_budget("5.5", {"gpu_memory_limit_gib": 6.0}) == 5.5
+
+
+def test_a_memory_limit_must_be_above_zero():
+    from sd3fit import presets
+    from sd3fit.errors import UserError
+
+    with pytest.raises(UserError, match="gpu_memory_limit_gib .* above 0"):
+        presets.load("lora-8gb", ["gpu_memory_limit_gib=0"])
+    assert presets.load("lora-8gb", ["gpu_memory_limit_gib=5.5"]).values["gpu_memory_limit_gib"] == 5.5
+
+
 def test_each_move_gives_cached_memory_back_before_the_next_part_starts():
     fake, memory = _memory()
     in_use = {"gib": 1}

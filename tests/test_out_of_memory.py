@@ -51,8 +51,9 @@ def copied_run(source, to) -> Run:
 
 
 def test_the_summary_names_where_memory_ran_out_and_a_preset_that_needs_less(tmp_path):
-    run = copied_run(CARDS / "full-24gb-24GB", tmp_path / "full-24gb-run")
-    assert fit.smaller(run)[0] == "full-12gb"  # full-16gb needs as much as full-24gb
+    graphed = ROOT / "results" / "2026-11-29-graphs-h200" / "bench-full" / "runs" / "full-24gb-graphs-24GB"
+    run = copied_run(graphed, tmp_path / "full-24gb-run")
+    assert fit.smaller(run)[0] == "full-16gb"  # full-24gb's 18.3 GiB is its CUDA graphs; full-16gb has none
     result = run.read_result()
     result.update(out_of_memory=True, oom_phase="validation", status="failed")
     run.result.write_text(json.dumps(result))
@@ -60,7 +61,7 @@ def test_the_summary_names_where_memory_ran_out_and_a_preset_that_needs_less(tmp
     (run.dir / "memory" / "oom.pickle").write_bytes(b"")
     line = [x for x in launch.summary(run, 1.0).splitlines() if x.startswith("out of memory")]
     assert len(line) == 1
-    assert "during validation" in line[0] and "oom.pickle" in line[0] and "full-12gb needs less (9.38 GiB" in line[0]
+    assert "during validation" in line[0] and "oom.pickle" in line[0] and "full-16gb needs less (14.45 GiB" in line[0]
 
 
 def test_the_smallest_preset_has_nothing_smaller_to_offer(tmp_path):

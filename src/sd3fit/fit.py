@@ -35,8 +35,14 @@ RESULTS_DIR = PROJECT_DIR / "results"
 # first benchmark, then the later ones for configurations it does not have (their machine stepped about 1.4x slower,
 # so their step times only make them lose a close choice, never win one). The next lease's (full-8gb, with full-24gb
 # and full-12gb in the same call) ran on a machine that stepped full-24gb 1.7x slower: after that lease's files too
+# The newest lease (2026-11-29-graphs-h200) first: lora-24gb and full-24gb with CUDA graphs, lora-8gb held within
+# 5.95 GiB; each is the only benchmarked row of its configuration.
 FIT_H200 = RESULTS_DIR / "2026-11-29-fit-h200"
+GRAPHS_H200 = RESULTS_DIR / "2026-11-29-graphs-h200"
 REFERENCES = (
+    GRAPHS_H200 / "bench-lora" / "results.jsonl",  # lora-24gb (CUDA graphs) with the one without, one call
+    GRAPHS_H200 / "bench-full" / "results.jsonl",  # full-24gb (CUDA graphs) with the one without, one call
+    GRAPHS_H200 / "bench-lora-8gb-limit" / "results.jsonl",  # lora-8gb, held within 5.95 GiB
     FIT_H200 / "bench-lora-8gb-6GiB" / "results.jsonl",
     FIT_H200 / "bench-lora" / "results.jsonl",
     RESULTS_DIR / "2026-11-29-lora-h200" / "bench-lora-12gb" / "results.jsonl",  # lora-12gb with lora-24gb, one call
@@ -63,10 +69,12 @@ IGNORED = frozenset({
     "validation_prompt", "validation_seed", "validation_guidance", "validation_num_inference_steps",
     "caption_dropout_probability", "lora_alpha", "disable_benchmark", "resume_from_checkpoint", "minimum_image_size",
 })
-# sd3fit's own keys that change memory; its others (description, card, measuring, the speed keys such as
-# fused_optimizer, whose state takes the memory of the optimizer it replaces) are left out like IGNORED
+# sd3fit's own keys that change memory (cuda_graph_blocks: the graphs' memory pool); its others (description, card,
+# measuring, the other speed keys such as fused_optimizer, whose state takes the memory of the optimizer it
+# replaces) are left out like IGNORED
 OWN_MEMORY_KEYS = frozenset({"offload_optimizer_state", "offload_transformer_for_decode", "recompute_budget",
-                             "vae_tile_size", "stream_optimizer_state", "ramtorch_copy_ahead_gib"})
+                             "vae_tile_size", "stream_optimizer_state", "ramtorch_copy_ahead_gib",
+                             "gpu_memory_limit_gib", "cuda_graph_blocks"})
 # options that hold weights in CPU RAM: such a run also needs the host memory it was measured with
 OFFLOAD_KEYS = ("offload_during_startup", "ramtorch", "ramtorch_text_encoder", "musubi_blocks_to_swap",
                 "stream_optimizer_state")
@@ -92,7 +100,9 @@ class Measured:
 def memory_options(options: dict) -> dict:
     """The options that make a configuration, from a preset's values (SimpleTuner's options and sd3fit's keys)."""
     own = set(schema.SD3FIT_KEYS) - OWN_MEMORY_KEYS
-    return {key: value for key, value in options.items() if key not in IGNORED and key not in own and value is not None}
+    unset = lambda key, value: value is None or (value is False and key in OWN_MEMORY_KEYS)  # noqa: E731  own bools: off
+    return {key: value for key, value in options.items() if key not in IGNORED and key not in own
+            and not unset(key, value)}
 
 
 def _run_options(run: Run) -> dict:

@@ -42,6 +42,13 @@ SD3FIT_KEYS: dict[str, Key] = {
         "The GPU memory the preset is made for, as cards are sold (e.g. 12GB); `sd3fit train lora|full --gpu SIZE` "
         "chooses among presets that name one, by their measured whole-run peaks.",
     ),
+    "gpu_memory_limit_gib": Key(
+        "float",
+        "Hold the whole run within this many GiB of GPU memory (e.g. 6.0): PyTorch's caching allocator is capped at it "
+        "less what the process holds outside the allocator (CUDA context, libraries), so it gives its cached blocks "
+        "back instead of reserving more; memory in use beyond it is an out-of-memory error. Leaves room for other "
+        "processes (a desktop) on the card. CUDA only; under sd3fit bench --gpu-budget the smaller of the two holds.",
+    ),
     "offload_optimizer_state": Key(
         "bool",
         "Move the optimizer's state to CPU memory while validation images are generated and checkpoints are written, "
@@ -84,6 +91,12 @@ SPEED_KEYS: dict[str, Key] = {
         "bool",
         "Compile each MMDiT block with torch.compile (also when it is checkpointed): fewer, fused kernels and little "
         "host work per block; the first steps take longer while it compiles.",
+    ),
+    "cuda_graph_blocks": Key(
+        "bool",
+        "With compile_blocks, replay each block's compiled training graphs as CUDA graphs (torch.compile's "
+        "reduce-overhead mode): a step launches one graph per block each way instead of every kernel from Python, "
+        "for steps that leave the GPU waiting on the host. CUDA only (ignored on a CPU); needs set_grads_to_none=true.",
     ),
     "fused_optimizer": Key(
         "bool",
@@ -256,12 +269,23 @@ def _rules(cfg: dict[str, Any]) -> None:
                         "FSDP's shards; turn one of optimizer_release_gradients and fsdp_enable off")
     if get("card") is not None:
         size_gib(get("card"), "option card")
+    limit = get("gpu_memory_limit_gib")
+    if limit is not None and limit <= 0:
+        raise UserError(f"option gpu_memory_limit_gib is the GPU memory the run may hold, in GiB above 0 (e.g. 6.0), "
+                        f"not {limit}")
     tile = get("vae_tile_size")
     if tile is not None and (tile < 64 or tile % 64):
         raise UserError(f"option vae_tile_size is the VAE's tile in pixels, a multiple of 64 from 64 up (e.g. 512), "
                         f"not {tile}")
     if get("compile_blocks"):
         _compile_rules(get)
+    if get("cuda_graph_blocks"):
+        if not get("compile_blocks"):
+            raise UserError("option cuda_graph_blocks replays compiled blocks; set compile_blocks=true or "
+                            "cuda_graph_blocks=false")
+        if not get("set_grads_to_none"):
+            raise UserError("option cuda_graph_blocks needs set_grads_to_none=true: a CUDA graph's next replay "
+                            "overwrites the gradients it returned, so they cannot be kept and zeroed between steps")
     budget = get("recompute_budget")
     if budget is not None:
         if not 0 < budget < 1:

@@ -8,8 +8,9 @@ variant turns some of them off with `key=false` overrides, so it is the preset's
     both     stock, then sd3fit: the ratio measured side by side, on the same machine, in one call
     each     both, plus one run per key the preset turns on with only that key false
 
-A preset's `recompute_budget` needs compiled blocks; a variant that turns `compile_blocks` off checkpoints every block
-instead, as SimpleTuner would to save that memory.
+A preset's `recompute_budget` and `cuda_graph_blocks` need compiled blocks; a variant that turns `compile_blocks` off
+turns `cuda_graph_blocks` off too, and checkpoints every block instead of a recompute budget, as SimpleTuner would to
+save that memory.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def variants(mode: str, values: dict) -> list[Variant]:
     if mode not in MODES:
         raise UserError(f"--speed {mode!r} is not a mode; use one of {', '.join(MODES)}")
     def variant(label: str, off: tuple[str, ...]) -> Variant:
+        if "compile_blocks" in off and values.get("cuda_graph_blocks") and "cuda_graph_blocks" not in off:
+            off = (*off, "cuda_graph_blocks")  # graphs of compiled blocks only
         uncompiled = "compile_blocks" in off and values.get("recompute_budget") is not None
         return Variant(label, off, ("recompute_budget=null", "gradient_checkpointing=true") if uncompiled else ())
 

@@ -44,6 +44,15 @@ def _is_main_process() -> bool:
     return _rank() == 0
 
 
+def memory_budget(bench_budget: str | None, own: dict) -> float | None:
+    """The GiB the run's GPU memory is held within: a benchmark's budget (environment) or the preset's
+    `gpu_memory_limit_gib`, the smaller when both are set; None for no cap."""
+    found = [float(bench_budget)] if bench_budget else []
+    if own.get("gpu_memory_limit_gib") is not None:
+        found.append(float(own["gpu_memory_limit_gib"]))
+    return min(found) if found else None
+
+
 def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interrupt | None = None):
     from simpletuner.helpers.training.trainer import Trainer
 
@@ -62,7 +71,8 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
     phases.apply(measurement.phases)
     vae_tiles.apply(own.get("vae_tile_size"))
     decode_offload.apply(bool(own.get("offload_transformer_for_decode")))
-    compiled_blocks.apply(bool(own.get("compile_blocks")), own.get("recompute_budget"))
+    compiled_blocks.apply(bool(own.get("compile_blocks")), own.get("recompute_budget"),
+                          bool(own.get("cuda_graph_blocks")))
     tracemalloc_off.apply(bool(own.get("skip_tracemalloc")))
     prefetch.apply(bool(own.get("prefetch_batches")))
     ramtorch_bound.apply(own.get("ramtorch_copy_ahead_gib"))
@@ -250,11 +260,11 @@ def train(run: Run) -> dict:
         if _is_main_process():
             resume.tensorboard_purge(run.dir / "tensorboard", resume.checkpoint_step(resume_from), run.read_metrics())
     trainer = cap = None
-    budget = os.environ.get("SD3FIT_GPU_BUDGET_GIB")
-    if budget and torch.cuda.is_available():
+    budget = memory_budget(os.environ.get("SD3FIT_GPU_BUDGET_GIB"), config.get("sd3fit", {}))
+    if budget is not None and torch.cuda.is_available():
         from sd3fit.measure.memory import GpuCap
 
-        cap = GpuCap(torch, float(budget))
+        cap = GpuCap(torch, budget)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         # several processes and no GPU: they train on the CPU and talk through gloo (what accelerate's `--cpu` sets;
         # without it each process would train alone)

@@ -56,10 +56,18 @@ class BlockCompiler:
     `recompute_budget` (0 < b < 1, for blocks that are not checkpointed): each graph keeps for its backward at most
     about that fraction of the activations it would keep, and recomputes the rest there, choosing the operations that
     are cheapest to recompute (torch's `activation_memory_budget` for the min-cut partitioner). Checkpointing a block
-    instead recomputes all of its forward, its matmuls included."""
+    instead recomputes all of its forward, its matmuls included.
+
+    `cuda_graphs` (inductor only, so a CUDA GPU): calls with gradients on run through torch.compile's
+    "reduce-overhead" mode, which records each block's forward and backward graphs as CUDA graphs once and replays
+    them (torch's CUDA graph trees: one recording per block, since each block's weights are other static inputs),
+    so a step launches 24 graphs each way instead of every kernel from Python. Inference calls (validation) keep the
+    plain compiled graphs: they run a few times per validation and would only add recordings. A graph's outputs are
+    overwritten by its next replay, so gradients must be set to None between steps, not zeroed in place."""
 
     def __init__(self, fn: Callable, *, backend: str | None = None, mode: str | None = None,
-                 eager_when: Callable[..., bool] | None = None, recompute_budget: float | None = None):
+                 eager_when: Callable[..., bool] | None = None, recompute_budget: float | None = None,
+                 cuda_graphs: bool = False):
         if recompute_budget is not None and not 0 < recompute_budget < 1:
             raise ValueError(f"recompute_budget must be between 0 and 1 (both excluded), not {recompute_budget}")
         self.fn = fn
@@ -73,7 +81,11 @@ class BlockCompiler:
         dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
         self.compiled = torch.compile(fn, backend=self.backend, mode=mode)
+        # a separate compile of the same function: dynamo keys its cached graphs by backend, so both kinds coexist
+        self.cuda_graphs = cuda_graphs and self.backend == "inductor"
+        self.graphed = torch.compile(fn, backend="inductor", mode="reduce-overhead") if self.cuda_graphs else None
         self.calls = 0  # compiled calls, for tests and logs
+        self.graphed_calls = 0
         self.eager_calls = 0
 
     def __call__(self, block: torch.nn.Module, *args: Any, **kwargs: Any):
@@ -81,8 +93,12 @@ class BlockCompiler:
             self.eager_calls += 1
             return self.fn(block, *args, **kwargs)
         self.calls += 1
+        compiled = self.compiled
+        if self.graphed is not None and torch.is_grad_enabled():
+            self.graphed_calls += 1
+            compiled = self.graphed
         if self.recompute_budget is None:
-            return self.compiled(block, *args, **kwargs)
+            return compiled(block, *args, **kwargs)
         # the partitioner reads the budget when it splits a graph (first call, recompiles): set it for our graphs only
         with torch._functorch.config.patch(activation_memory_budget=self.recompute_budget):
-            return self.compiled(block, *args, **kwargs)
+            return compiled(block, *args, **kwargs)

@@ -11,7 +11,8 @@ This patch replaces that module-level function with `sd3fit.speed.compiled.Block
 shared by every block, so forward, backward and the checkpointed recompute all run compiled graphs; the upstream
 function is kept for calls that offload attention activations (saved-tensor hooks dynamo cannot trace). The first
 steps (and the first validation) are slower while the graphs compile. With `recompute_budget` (an sd3fit key) the
-blocks are not checkpointed by upstream; each compiled block's graph keeps part of its activations instead.
+blocks are not checkpointed by upstream; each compiled block's graph keeps part of its activations instead. With
+`cuda_graph_blocks` (an sd3fit key) the training graphs are replayed as CUDA graphs (see BlockCompiler).
 """
 
 from __future__ import annotations
@@ -43,16 +44,18 @@ def _offloads_attention(joint_attention_kwargs=None, offload_attention=False) ->
     return bool(offload_attention)
 
 
-def apply(on: bool, recompute_budget: float | None = None) -> BlockCompiler | None:
+def apply(on: bool, recompute_budget: float | None = None, cuda_graphs: bool = False) -> BlockCompiler | None:
     """Compile SD3's blocks from now on in this process (`on`), or put upstream's function back; with
-    `recompute_budget`, each block's graph keeps that fraction of its activations (see BlockCompiler)."""
+    `recompute_budget`, each block's graph keeps that fraction of its activations, with `cuda_graphs` training
+    calls replay CUDA graphs (see BlockCompiler)."""
     compat.require(CHECKED_AGAINST, __name__)
     module = importlib.import_module(MODULE)
     upstream = _upstream(module)
     if not on:
         setattr(module, FUNCTION, upstream)
         return None
-    compiler = BlockCompiler(upstream, eager_when=_offloads_attention, recompute_budget=recompute_budget)
+    compiler = BlockCompiler(upstream, eager_when=_offloads_attention, recompute_budget=recompute_budget,
+                             cuda_graphs=cuda_graphs)
     setattr(module, FUNCTION, compiler)
     return compiler
 
@@ -62,7 +65,8 @@ def stats() -> dict | None:
     current = getattr(importlib.import_module(MODULE), FUNCTION, None)
     if not isinstance(current, BlockCompiler):
         return None
-    out = {"backend": current.backend_name, "compiled_calls": current.calls, "eager_calls": current.eager_calls}
+    out = {"backend": current.backend_name, "compiled_calls": current.calls, "eager_calls": current.eager_calls,
+           "cuda_graphs": current.cuda_graphs, "graphed_calls": current.graphed_calls}
     if current.recompute_budget is not None:
         out["recompute_budget"] = current.recompute_budget
     return out
