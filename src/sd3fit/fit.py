@@ -27,16 +27,14 @@ from sd3fit.presets import PROJECT_DIR, portable
 from sd3fit.runs import Run, shared_gpu
 
 RESULTS_DIR = PROJECT_DIR / "results"
-# the first matching row is the one used. Step times rank presets against each other, so the newest lease's rows
-# come first (every preset with its speed patches: lora-24gb, lora-8gb, the three full presets); lora-8gb's row under
-# a 6 GiB budget comes before its 8 GB one, which reserved free cache up to that larger cap (that configuration is no
-# preset now: today's lora-8gb and lora-6gb are measured in 2026-11-29-copy-ahead-h200, each beside lora-24gb in one
-# call, after lora-12gb's row). Then the card presets'
-# first benchmark, then the later ones for configurations it does not have (their machine stepped about 1.4x slower,
-# so their step times only make them lose a close choice, never win one). The next lease's (full-8gb, with full-24gb
-# and full-12gb in the same call) ran on a machine that stepped full-24gb 1.7x slower: after that lease's files too
-# The newest lease (2026-11-29-graphs-h200) first: lora-24gb and full-24gb with CUDA graphs, lora-8gb held within
-# 5.95 GiB; each is the only benchmarked row of its configuration.
+# The first matching row is the one used, and step times rank presets against each other, so newer leases come first:
+# 2026-11-29-graphs-h200 (lora-24gb and full-24gb with CUDA graphs, lora-8gb held within 5.95 GiB, as committed;
+# no other file here holds their configurations), then 2026-11-29-fit-h200 (the speed-patched presets of that day;
+# lora-8gb's row under a 6 GiB budget before its 8 GB one, which reserved free cache up to that larger cap), the
+# lora-12gb, lora-8gb-without-checkpointing and lora-6gb rows, each measured beside lora-24gb in one call, and the
+# full presets. Then the card presets' first benchmark and the later ones for configurations it does not have (their
+# machine stepped about 1.4x slower, so their step times only make them lose a close choice, never win one); the
+# full-8gb lease's machine stepped full-24gb 1.7x slower.
 FIT_H200 = RESULTS_DIR / "2026-11-29-fit-h200"
 GRAPHS_H200 = RESULTS_DIR / "2026-11-29-graphs-h200"
 REFERENCES = (
