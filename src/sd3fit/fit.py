@@ -28,8 +28,10 @@ from sd3fit.runs import Run, shared_gpu
 
 RESULTS_DIR = PROJECT_DIR / "results"
 # The first matching row is the one used, and step times rank presets against each other, so newer leases come first:
-# 2026-11-29-graphs-h200 (lora-24gb and full-24gb with CUDA graphs, lora-8gb held within 5.95 GiB, as committed;
-# no other file here holds their configurations), then 2026-11-29-fit-h200 (the speed-patched presets of that day;
+# 2026-11-29-small-graphs-h200 (the 8, 12 and 16 GB presets with CUDA graphs, as committed, lora-12gb beside
+# lora-24gb and full-16gb beside full-24gb in one call each, full-12gb and lora-8gb each alone later in that lease),
+# then 2026-11-29-graphs-h200 (lora-24gb and full-24gb with CUDA graphs; the ungraphed lora-8gb held within 5.95 GiB),
+# then 2026-11-29-fit-h200 (the speed-patched presets of that day;
 # lora-8gb's row under a 6 GiB budget before its 8 GB one, which reserved free cache up to that larger cap), the
 # lora-12gb, lora-8gb-without-checkpointing and lora-6gb rows, each measured beside lora-24gb in one call, and the
 # full presets. Then the card presets' first benchmark and the later ones for configurations it does not have (their
@@ -37,7 +39,12 @@ RESULTS_DIR = PROJECT_DIR / "results"
 # full-8gb lease's machine stepped full-24gb 1.7x slower.
 FIT_H200 = RESULTS_DIR / "2026-11-29-fit-h200"
 GRAPHS_H200 = RESULTS_DIR / "2026-11-29-graphs-h200"
+SMALL_GRAPHS_H200 = RESULTS_DIR / "2026-11-29-small-graphs-h200"
 REFERENCES = (
+    SMALL_GRAPHS_H200 / "bench-lora" / "results.jsonl",  # lora-24gb and lora-12gb, one call
+    SMALL_GRAPHS_H200 / "bench-full-12gb" / "results.jsonl",  # full-12gb
+    SMALL_GRAPHS_H200 / "bench-full" / "results.jsonl",  # full-24gb and full-16gb, one call
+    SMALL_GRAPHS_H200 / "bench-lora-8gb" / "results.jsonl",  # lora-8gb
     GRAPHS_H200 / "bench-lora" / "results.jsonl",  # lora-24gb (CUDA graphs) with the one without, one call
     GRAPHS_H200 / "bench-full" / "results.jsonl",  # full-24gb (CUDA graphs) with the one without, one call
     GRAPHS_H200 / "bench-lora-8gb-limit" / "results.jsonl",  # lora-8gb, held within 5.95 GiB
@@ -229,10 +236,15 @@ def pick(kind: str, device: tuple[str, float], overrides: list[str], processes: 
     fastest = min(fitting)
     # of the presets as fast as the fastest, the one made for the largest card, counting a larger card's preset that
     # fits as made for this one (a 24 GB preset on a 24 GB card, not a 16 GB one that saves memory it does not need;
-    # on a 16 GB card the 24 GB LoRA preset that fits, not the 12 GB one); the faster of equals
-    made_for = [(min(host.size_gib(_card(preset), "card"), total), -step, preset) for step, preset in fitting
-                if step <= fastest[0] * SAME_SPEED]
-    return max(made_for)[2]
+    # on a 16 GB card the 24 GB LoRA preset that fits, not the 12 GB one); between this card's own preset and a
+    # larger card's that fits as well, this card's own (on an 8 GB card lora-8gb, not lora-12gb with its int8 text
+    # encoders); the faster of equals
+    made_for = []
+    for step, preset in fitting:
+        if step <= fastest[0] * SAME_SPEED:
+            size = host.size_gib(_card(preset), "card")
+            made_for.append((min(size, total), size <= total, -step, preset))
+    return max(made_for)[3]
 
 
 def _card(preset: str) -> str:
