@@ -18,7 +18,7 @@ from sd3fit.simpletuner.patches import (decode_offload, lora_forward, prefetch, 
 # exact patches: they change how the step runs, not what it computes (the fused optimizer changes the update's
 # arithmetic and is compared against seeds in test_fused_optimizer.py)
 EXACT = ["compile_blocks=true", "cache_trainable_params=true", "skip_tracemalloc=true", "skip_ramtorch_syncs=true",
-         "plain_lora_forward=true"]
+         "plain_lora_forward=true", "defer_step_reads=true"]
 # reading ahead, the data loaders draw their seeds from a generator of their own instead of the step's: the same
 # training, not the same numbers as without it; but the same numbers run after run
 AHEAD = ["prefetch_batches=true", "offload_transformer_for_decode=true"]
@@ -41,8 +41,8 @@ def demo_runs(tmp_path_factory, demo_assets):
 
 def test_the_demo_trains_the_same_with_the_exact_speed_patches(demo_runs):
     patched = json.loads(demo_runs["patched"].result.read_text())["speed"]
-    assert patched["patches"] == ["cache_trainable_params", "compile_blocks", "plain_lora_forward", "skip_ramtorch_syncs",
-                                  "skip_tracemalloc"]
+    assert patched["patches"] == ["cache_trainable_params", "compile_blocks", "defer_step_reads", "plain_lora_forward",
+                                  "skip_ramtorch_syncs", "skip_tracemalloc"]
     assert patched["lora_forward"] == "peft"  # no RamTorch here: nothing wrapped it
     assert patched["compile_blocks"]["compiled_calls"] > 0 and patched["compile_blocks"]["eager_calls"] == 0
     assert patched["tracemalloc"] is False
@@ -50,6 +50,9 @@ def test_the_demo_trains_the_same_with_the_exact_speed_patches(demo_runs):
     assert stock == {"patches": [], "tracemalloc": True}  # upstream's own behaviour: tracing left on
     base, fast, other = (losses(demo_runs[k]) for k in ("stock", "patched", "other_seed"))
     assert len(base) == len(fast) == len(other) > 0
+    # read a step late, every step's row still has the trainer's numbers (step_reads, metrics_log)
+    rows = demo_runs["patched"].read_metrics()
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and all("learning_rate" in r for r in rows)
     gap = max(abs(a - b) for a, b in zip(base, fast))
     spread = max(abs(a - b) for a, b in zip(base, other))
     # another seed draws other timesteps and noise: its losses differ by a large fraction; these patches change

@@ -129,6 +129,12 @@ SPEED_KEYS: dict[str, Key] = {
         "the whole process to move each layer's weights to the input's device first, which costs host time on every "
         "LoRA layer and breaks compiled blocks apart (kept when the trained model has a RamTorch or offloaded layer).",
     ),
+    "defer_step_reads": Key(
+        "bool",
+        "Read the step's loss and statistics on the host a step late (copied to host memory behind the step), instead "
+        "of SimpleTuner's reads inside every step, each of which makes the host wait for the GPU to finish all it was "
+        "given; a non-finite loss still stops the run, at most two steps later and before any validation or checkpoint.",
+    ),
     "release_by_block": Key(
         "bool",
         "With optimizer_release_gradients, step the parameters of each transformer block together once all their "
@@ -286,6 +292,14 @@ def _rules(cfg: dict[str, Any]) -> None:
         if not get("set_grads_to_none"):
             raise UserError("option cuda_graph_blocks needs set_grads_to_none=true: a CUDA graph's next replay "
                             "overwrites the gradients it returned, so they cannot be kept and zeroed between steps")
+        # one run with both of these and cuda_graph_blocks (the tiny model on an H200) stopped at its first graph
+        # replay; which of the two the graphs cannot take is not known yet
+        if get("gradient_checkpointing"):
+            raise UserError("option cuda_graph_blocks is not verified with gradient_checkpointing (a run with both "
+                            "stopped at its first graph replay); use recompute_budget instead of checkpointing")
+        if get("defer_step_reads"):
+            raise UserError("options defer_step_reads and cuda_graph_blocks are not verified together (a run with both "
+                            "stopped at its first graph replay); set one of them to false")
     budget = get("recompute_budget")
     if budget is not None:
         if not 0 < budget < 1:

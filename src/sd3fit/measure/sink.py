@@ -3,6 +3,8 @@
 The trainer's own scalars for a step (loss, learning rate, ...) arrive when it logs that step; sd3fit's timings
 for the same step may arrive a step later (see `steps`). The sink holds the trainer's scalars until both are in
 and writes one row per optimizer step: `{"step", "time", <trainer scalars>, <sd3fit scalars>}`, in step order.
+Scalars that arrive as GPU tensors are copied to host memory when they arrive and read when their row is written
+(`sd3fit.speed.host_reads`): taking them makes the host wait for nothing.
 When several processes train together each writes its own rows to its own files; only the main process's carry the
 trainer's scalars (the others' would be copies, read at the cost of a GPU synchronisation each).
 """
@@ -14,6 +16,8 @@ import math
 import time
 from pathlib import Path
 from typing import Any
+
+from sd3fit.speed.host_reads import Pending
 
 
 def scalar(value) -> float | int | str | None:
@@ -42,6 +46,7 @@ class MetricsSink:
         self.recorder = recorder
         self.is_main = is_main
         self._held: dict[int, dict[str, Any]] = {}
+        self._arrived: dict[int, list[Pending]] = {}  # the trainer's values per step, read when the row is written
         self._writer = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -53,12 +58,9 @@ class MetricsSink:
 
     def on_log(self, step: int, values: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
         """Take the trainer's values for `step`; return (step, sd3fit scalars) for every row completed now."""
-        held = self._held.setdefault(step, {"time": time.time()})
+        self._held.setdefault(step, {"time": time.time()})
         if self.is_main:  # the other processes' trainer values are copies: don't read their tensors
-            for key, value in values.items():
-                number = scalar(value)
-                if number is not None:
-                    held[key] = number
+            self._arrived.setdefault(step, []).append(Pending(dict(values)))
         ready = self.recorder.logged(step) if self.recorder is not None else [(step, {})]
         return self._emit(ready)
 
@@ -69,6 +71,7 @@ class MetricsSink:
         for step in self._held:  # logged steps that never got timings (no step ran since the last log)
             ready.setdefault(step, {})
         out = self._emit(sorted(ready.items()))
+        self._arrived.clear()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -76,7 +79,13 @@ class MetricsSink:
 
     def _emit(self, ready: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
         for step, ours in ready:
-            row = {"step": step, **self._held.pop(step, {"time": time.time()}), **ours}
+            row = {"step": step, **self._held.pop(step, {"time": time.time()})}
+            for pending in self._arrived.pop(step, []):
+                for key, value in pending.read().items():
+                    number = scalar(value)
+                    if number is not None:
+                        row[key] = number
+            row.update(ours)
             with self.jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             if self._writer is not None:

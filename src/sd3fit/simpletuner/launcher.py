@@ -30,7 +30,7 @@ from sd3fit.simpletuner import compat
 from sd3fit.simpletuner.patches import (compiled_blocks, cpu_pin_memory, decode_offload, fused_optimizer,
                                         gradient_release, int8_base, interrupt, lora_forward, metrics_log,
                                         optimizer_offload, phases, prefetch, ramtorch_bound, ramtorch_sync,
-                                        step_measure, tracemalloc_off, trainable_params, vae_tiles,
+                                        step_measure, step_reads, tracemalloc_off, trainable_params, vae_tiles,
                                         validation_images)
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
@@ -66,6 +66,7 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
     lora_forward.check(Trainer)
     lora_forward.remember()  # peft's forward, before SimpleTuner's RamTorch set-up can wrap it
     int8_base.check(Trainer)
+    step_reads.check(Trainer)
     options, int8_precision = int8_base.split(options)  # SimpleTuner's parser knows only its own precisions
     fused_optimizer.apply()
     phases.apply(measurement.phases)
@@ -82,11 +83,12 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
                         fused_optimizer.FusedOptimizerTrainer, trainable_params.TrainableListTrainer,
                         ramtorch_sync.RamTorchSyncTrainer, lora_forward.PlainLoraForwardTrainer,
                         int8_base.Int8BaseTrainer, gradient_release.ReleasingTrainer,
-                        optimizer_offload.OffloadingTrainer, Trainer):
+                        optimizer_offload.OffloadingTrainer, step_reads.DeferredReadsTrainer, Trainer):
         """SimpleTuner's Trainer with sd3fit's run phases, per-run metrics, ranges and profiler, adamw_bf16 stepped
         by multi-tensor kernels on request, no RamTorch syncs or LoRA device checks where no RamTorch layer trains,
         an int8 base that multiplies in int8, gradient release that works with every optimizer, optimizer state out
-        of the way of validation, and a checkpoint before stopping on SIGINT or SIGTERM."""
+        of the way of validation, a checkpoint before stopping on SIGINT or SIGTERM, and on request no host read of
+        GPU values inside the step."""
 
         sd3fit_measurement = measurement
         sd3fit_fused_optimizer = bool(own.get("fused_optimizer"))
@@ -98,10 +100,11 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
         sd3fit_offload_optimizer_state = bool(own.get("offload_optimizer_state"))
         sd3fit_stream_state = bool(own.get("stream_optimizer_state"))
         sd3fit_interrupt = stop
+        sd3fit_defer_step_reads = bool(own.get("defer_step_reads"))
 
         def init_trackers(self):
             super().init_trackers()
-            metrics_log.apply(self.accelerator, measurement)
+            metrics_log.apply(self.accelerator, measurement, defer=bool(own.get("defer_step_reads")))
 
     import torch
 

@@ -10,6 +10,10 @@ which reaches only the trackers named in `report_to`; at the end `Trainer.train`
   that step's number, before the current step's values so steps stay increasing;
 - `end_training`: the rows still waiting for the GPU are written and passed on before the trackers close.
 
+With `defer_step_reads` (sd3fit's `step_reads` patch), the trainer hands over GPU tensors rather than numbers: the
+values then reach the trackers once their copies to host memory have landed, a step or two late, still in step
+order (`sd3fit.speed.host_reads.Queue`), so a tracker reading a tensor never waits for the step after it.
+
 `Trainer.init_trackers` runs twice in 4.10.1 (from `_run_training` and from `train`); the wrapper marks the
 accelerator so it is installed once.
 """
@@ -19,18 +23,28 @@ from __future__ import annotations
 import logging
 
 from sd3fit.simpletuner import compat
+from sd3fit.speed.host_reads import Queue
 
 CHECKED_AGAINST = compat.SIMPLETUNER_VERSION
 logger = logging.getLogger(__name__)
 _MARK = "_sd3fit_metrics_log"
 
 
-def apply(accelerator, measurement) -> None:
-    """measurement: anything with on_log(step, values) and close(), returning [(step, extra_scalars), ...]."""
+def apply(accelerator, measurement, defer: bool = False) -> None:
+    """measurement: anything with on_log(step, values) and close(), returning [(step, extra_scalars), ...]; defer:
+    hand the trackers each step's values once their GPU tensors have reached host memory."""
     compat.require(CHECKED_AGAINST, __name__)
     if getattr(accelerator, _MARK, False):
         return
-    original_log, original_end = accelerator.log, accelerator.end_training
+    upstream_log, original_end = accelerator.log, accelerator.end_training
+    waiting = Queue() if defer else None
+
+    def original_log(values: dict, step: int | None = None, log_kwargs: dict | None = None):
+        if waiting is None:
+            return upstream_log(values, step=step, log_kwargs=log_kwargs)
+        waiting.put(values, (step, log_kwargs))
+        for landed, (landed_step, kwargs) in waiting.ready():
+            upstream_log(landed, step=landed_step, log_kwargs=kwargs)
 
     def log(values: dict, step: int | None = None, log_kwargs: dict | None = None):
         log_kwargs = log_kwargs or {}
@@ -53,6 +67,8 @@ def apply(accelerator, measurement) -> None:
         for done_step, extra in measurement.close():
             if extra:
                 original_log(extra, step=done_step)
+        for landed, (landed_step, kwargs) in (waiting.ready(everything=True) if waiting is not None else []):
+            upstream_log(landed, step=landed_step, log_kwargs=kwargs)
         return original_end()
 
     accelerator.log = log
