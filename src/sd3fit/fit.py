@@ -217,7 +217,8 @@ def _measured_candidates(kind: str, overrides: list[str], processes: int = 1) ->
 
 def pick(kind: str, device: tuple[str, float], overrides: list[str], processes: int = 1) -> str:
     """The fastest measured preset of `kind` whose whole-run need is below the GPU's memory (of those within
-    `SAME_SPEED` of it, the one made for the largest card up to this GPU); with several processes, one such GPU
+    `SAME_SPEED` of it, the one made for the largest card up to this GPU, this card's own before a larger card's that
+    fits as well); with several processes, one such GPU
     each, judged by benchmark rows of as many processes."""
     scored = _measured_candidates(kind, overrides, processes)
     if not scored and processes > 1:
