@@ -4,6 +4,7 @@ patch on is compared with stock in test_speed_patches.py (EXACT)."""
 
 import dis
 import inspect
+import json
 import math
 
 import pytest
@@ -98,8 +99,6 @@ def test_the_sink_reads_tensors_when_it_writes_their_row(tmp_path):
         sink.on_log(step, {"train_loss": scalar(step / 10), "optimization_loss": scalar(step / 10, torch.bfloat16),
                            "learning_rate": 1e-4, "flag": True})
     sink.close()
-    import json
-
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["train_loss"] for r in rows] == pytest.approx([0.1, 0.2, 0.3])
