@@ -43,3 +43,23 @@ def test_cpu_trace_uses_operator_self_time():
     assert abs(s["shares"]["idle"] - 0.55) < 1e-9  # top-level operators cover 300 + 100 + 50 of 1000 us
     text = digest.render(s)
     assert "aten::addmm" in text and "matmul" in text
+
+
+def test_host_reads_are_named_by_call_site():
+    frames = [  # what profiler_with_stack=true records: nested Python frames on the training thread
+        ev("/venv/lib/python3.12/site-packages/simpletuner/helpers/training/trainer.py(7191): train", 200, 300,
+           "python_function"),
+        ev("/venv/lib/python3.12/site-packages/torch/_tensor.py(50): item", 250, 100, "python_function"),
+        ev("<built-in method item of Tensor object at 0x1>", 260, 80, "python_function"),
+    ]
+    reads = [ev("aten::_local_scalar_dense", 270, 40), ev("aten::_local_scalar_dense", 450, 10),
+             ev("aten::_local_scalar_dense", 800, 30), ev("aten::_local_scalar_dense", 850, 5),
+             ev("aten::_local_scalar_dense", 920, 20),  # after train_step ends: bookkeeping
+             ev("aten::_local_scalar_dense", 2100, 20)]  # outside any profiled step: ignored
+    s = digest.summarize({"traceEvents": TRACE["traceEvents"] + frames + reads})
+    assert s["host_reads"] == [("simpletuner/helpers/training/trainer.py(7191): train", 2, 50.0),
+                               ("in range optimizer", 2, 35.0), ("outside sd3fit's step ranges", 1, 20.0)]
+    text = digest.render(s)
+    assert "host reads of GPU values (aten::_local_scalar_dense) by call site: 5" in text
+    assert "2 x  simpletuner/helpers/training/trainer.py(7191): train" in text
+    assert digest.summarize(TRACE)["host_reads"] == []

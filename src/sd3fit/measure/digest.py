@@ -4,7 +4,10 @@
 - top GPU kernels by time (GPU traces);
 - shares of the profiled steps' wall time: attention and matrix multiplies (GPU kernel time on a GPU trace,
   operator self time on a CPU-only trace), sd3fit's `data` and `optimizer` ranges, and idle (GPU trace: no kernel
-  running; CPU trace: the training thread inside no operator, i.e. Python and waiting).
+  running; CPU trace: the training thread inside no operator, i.e. Python and waiting);
+- the host's reads of GPU values (`aten::_local_scalar_dense`: every `.item()`, `.tolist()` or `if tensor`, each
+  a wait for the GPU to finish all it was given) by call site: the innermost Python frame outside torch when the
+  trace has Python stacks (`profiler_with_stack=true`), otherwise sd3fit's range around it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,37 @@ def _self_times(ops: list[traces.Span]) -> dict[str, float]:
             if op is not None:
                 stack.append([op, 0.0])
     return totals
+
+
+HOST_READ = "aten::_local_scalar_dense"
+_FRAME = re.compile(r"^(?P<file>.+)\((?P<line>\d+)\): (?P<func>.+)$")
+
+
+def _call_site(read: traces.Span, frames: list[traces.Span], ranges: list[traces.Span]) -> str:
+    """Where a host read came from: the innermost Python frame around it that is not torch's own, else the range."""
+    best = None
+    for frame in frames:
+        found = _FRAME.match(frame.name)
+        if frame.tid != read.tid or not frame.contains(read) or not found:
+            continue
+        path = found["file"].replace("\\", "/").split("site-packages/")[-1]
+        if path.startswith(("torch/", "<")):
+            continue
+        if best is None or frame.start >= best[0].start:
+            best = (frame, f"{path}({found['line']}): {found['func']}")
+    if best is not None:
+        return best[1]
+    around = [r for r in ranges if r.contains(read) and r.name in traces.RANGES]
+    return f"in range {around[-1].name}" if around else "outside sd3fit's step ranges"
+
+
+def _host_reads(ops: list[traces.Span], frames: list[traces.Span], ranges: list[traces.Span]) -> list:
+    sites: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for read in (op for op in ops if op.name == HOST_READ):
+        site = sites[_call_site(read, frames, ranges)]
+        site[0] += 1
+        site[1] += read.dur
+    return sorted(((name, n, us) for name, (n, us) in sites.items()), key=lambda row: -row[2])
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:
@@ -82,6 +116,7 @@ def summarize(trace: dict, top: int = 10) -> dict:
         "device": "gpu" if kernels else "cpu",
         "top_operators": sorted(op_self.items(), key=lambda kv: -kv[1])[:top],
         "top_kernels": sorted(kernel_time.items(), key=lambda kv: -kv[1])[:top],
+        "host_reads": _host_reads(ops, _within(traces.spans(trace, "python_function"), steps), in_steps),
         "shares": {
             "attention": share(sum(v for k, v in basis.items() if ATTENTION.search(k))),
             "matmul": share(sum(v for k, v in basis.items() if MATMUL.search(k) and not ATTENTION.search(k))),
@@ -108,4 +143,8 @@ def render(summary: dict, source: str = "") -> str:
         lines.append("top GPU kernels by time:")
         for name, us in summary["top_kernels"]:
             lines.append(f"  {us / 1000:10.2f} ms  {name[:width]}")
+    reads = summary.get("host_reads") or []
+    lines.append(f"host reads of GPU values ({HOST_READ}) by call site: {sum(n for _, n, _ in reads)}")
+    for site, n, us in reads:
+        lines.append(f"  {us / 1000:10.2f} ms  {n:4d} x  {site[:width + 30]}")
     return "\n".join(lines)
