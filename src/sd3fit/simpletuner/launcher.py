@@ -104,7 +104,7 @@ def _make_trainer(options: dict, measurement, own: dict, stop: interrupt.Interru
 
         def init_trackers(self):
             super().init_trackers()
-            metrics_log.apply(self.accelerator, measurement, defer=bool(own.get("defer_step_reads")))
+            metrics_log.apply(self.accelerator, measurement, defer=self.sd3fit_defer_step_reads)
 
     import torch
 

@@ -39,7 +39,7 @@ def apply(accelerator, measurement, defer: bool = False) -> None:
     upstream_log, original_end = accelerator.log, accelerator.end_training
     waiting = Queue() if defer else None
 
-    def original_log(values: dict, step: int | None = None, log_kwargs: dict | None = None):
+    def to_trackers(values: dict, step: int | None = None, log_kwargs: dict | None = None):
         if waiting is None:
             return upstream_log(values, step=step, log_kwargs=log_kwargs)
         waiting.put(values, (step, log_kwargs))
@@ -60,13 +60,13 @@ def apply(accelerator, measurement, defer: bool = False) -> None:
             if done_step == step:
                 values.update(extra)
             else:
-                original_log(extra, step=done_step, log_kwargs=log_kwargs)
-        return original_log(values, step=step, log_kwargs=log_kwargs)
+                to_trackers(extra, step=done_step, log_kwargs=log_kwargs)
+        return to_trackers(values, step=step, log_kwargs=log_kwargs)
 
     def end_training():
         for done_step, extra in measurement.close():
             if extra:
-                original_log(extra, step=done_step)
+                to_trackers(extra, step=done_step)
         for landed, (landed_step, kwargs) in (waiting.ready(everything=True) if waiting is not None else []):
             upstream_log(landed, step=landed_step, log_kwargs=kwargs)
         return original_end()
